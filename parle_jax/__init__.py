@@ -1,0 +1,21 @@
+"""parle_jax: Parle (arXiv:1707.00424) in JAX, as optax transforms and fused rounds.
+
+Layers, each importing only from those before it:
+
+* :mod:`parle_jax.optim` -- Parle, its building blocks, Elastic-SGD and scoping,
+  as pure optax transforms (no Flax, no data).
+* :mod:`parle_jax.replicas` -- n replicas over devices: ``pmap`` over devices,
+  ``vmap`` or a loop locally; the reference (mean) params.
+* :mod:`parle_jax.rounds` -- one fused, donated dispatch per round:
+  ``lax.scan`` over ``L`` inner steps, then the coupling.
+"""
+
+from parle_jax.optim import (ElasticCouplingState, ElasticSGDState,
+                             EntropySGDInnerState, ParleParts, ParleState,
+                             elastic_coupling, elastic_sgd, entropy_sgd_inner,
+                             parle, parle_parts, reference_params, scoping)
+from parle_jax.replicas import MAPPINGS, Replicas
+from parle_jax.rounds import (ReplicaState, RoundFn, init_replicas, make_round,
+                              parle_round)
+
+__version__ = '0.1.0'

@@ -1,0 +1,182 @@
+"""Replicas onto devices: ``pmap`` over devices, ``vmap`` or a loop within one.
+
+``n`` replicas on ``D`` devices are stored with two leading axes,
+``[D, R, ...]`` with ``R = n / D`` replicas per device. The device axis is
+mapped with ``jax.pmap`` (axis name ``'device'``); the local axis either with
+``jax.vmap`` (axis name ``'replica'``) or one replica after another with
+``lax.map``. The choice matters: ``vmap`` turns per-replica convolution weights
+into grouped convolutions, which run 2-4x slower on GPUs than a loop, while
+small dense models gain a little from ``vmap`` (see NOTES.md). The global
+replica index is ``axis_index('device') * R + r``; a collective over all
+replicas reduces over ``('device', 'replica')``.
+
+``jax.pmap`` is used in one place only, :meth:`Replicas.pmap`, so that another
+backend (``jax.shard_map``) can replace it.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+DEVICE_AXIS = 'device'
+REPLICA_AXIS = 'replica'
+MAPPINGS = ('vmap', 'sequential', 'auto')
+
+
+def check_mapping(mapping: str) -> str:
+  """Returns `mapping` if it is one of :data:`MAPPINGS`, else raises ValueError."""
+  if mapping not in MAPPINGS:
+    raise ValueError(f'`mapping` must be one of {MAPPINGS}, got {mapping!r}.')
+  return mapping
+
+
+class Replicas:
+  """``num_replicas`` replicas laid out over devices.
+
+  Attributes:
+    num_replicas: ``n``, replicas over all processes.
+    devices: the global devices the device axis runs over (all of them).
+    local_devices: this process's share of `devices`, in the same order.
+    per_device: ``R = n / D``, replicas per device.
+    mapping: how the ``R`` local replicas are mapped: ``'vmap'``,
+      ``'sequential'`` or ``'auto'`` (chosen by measurement, see
+      :mod:`parle_jax.rounds`).
+
+  Examples:
+    >>> import jax, parle_jax
+    >>> replicas = parle_jax.Replicas(3, devices=jax.devices()[:1])
+    >>> replicas.per_device, replicas.axis_name
+    (3, ('device', 'replica'))
+  """
+
+  def __init__(self, num_replicas: int, devices: Optional[Sequence[Any]] = None,
+               mapping: str = 'auto'):
+    if (isinstance(num_replicas, bool) or not isinstance(num_replicas, numbers.Integral)
+        or num_replicas < 1):
+      raise ValueError(f'`num_replicas` must be an integer >= 1, got {num_replicas!r}.')
+    self.devices = list(jax.devices() if devices is None else devices)
+    if not self.devices:
+      raise ValueError('`devices` must name at least one device, got an empty list.')
+    if num_replicas % len(self.devices):
+      raise ValueError(
+          f'`num_replicas`={num_replicas} is not divisible by the number of '
+          f'devices ({len(self.devices)}): each device must hold the same number '
+          'of replicas. Choose a multiple of the device count or pass `devices`.')
+    self.num_replicas = int(num_replicas)
+    self.mapping = check_mapping(mapping)
+    self.per_device = self.num_replicas // len(self.devices)
+    self.local_devices = [d for d in self.devices
+                          if d.process_index == jax.process_index()]
+
+  def __repr__(self):
+    return (f'Replicas(num_replicas={self.num_replicas}, devices={len(self.devices)}, '
+            f'per_device={self.per_device}, mapping={self.mapping!r})')
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @property
+  def num_local_replicas(self) -> int:
+    """Replicas whose state this process holds."""
+    return len(self.local_devices) * self.per_device
+
+  @property
+  def axis_name(self):
+    """The axes a collective over all replicas names; None for one replica."""
+    return None if self.num_replicas == 1 else (DEVICE_AXIS, REPLICA_AXIS)
+
+  @property
+  def local_replica_ids(self) -> np.ndarray:
+    """Global indices of the replicas this process holds, in storage order."""
+    ids = [self.devices.index(d) * self.per_device + r
+           for d in self.local_devices for r in range(self.per_device)]
+    return np.asarray(ids, np.int32)
+
+  # --- moving data -----------------------------------------------------------
+  @functools.cached_property
+  def _device_sharding(self) -> jax.sharding.NamedSharding:
+    mesh = jax.sharding.Mesh(np.asarray(self.devices), (DEVICE_AXIS,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEVICE_AXIS))
+
+  def _put(self, local: np.ndarray) -> jax.Array:
+    """``[D_local, ...]`` host data -> a global ``[D, ...]`` array on the devices."""
+    return jax.make_array_from_process_local_data(self._device_sharding, local)
+
+  def shard(self, tree: Any) -> Any:
+    """``[n_local, ...]`` arrays -> ``[D, R, ...]`` arrays on the devices."""
+    def put(x):
+      x = np.asarray(x)
+      if x.ndim == 0 or x.shape[0] != self.num_local_replicas:
+        raise ValueError(
+            f'expected a leading replica axis of {self.num_local_replicas}, got '
+            f'an array of shape {x.shape}.')
+      return self._put(x.reshape((len(self.local_devices), self.per_device) + x.shape[1:]))
+    return jax.tree.map(put, tree)
+
+  def broadcast(self, tree: Any) -> Any:
+    """The same arrays on every device: ``[D, ...]``, one copy per device."""
+    def put(x):
+      x = np.asarray(x)
+      return self._put(np.broadcast_to(x, (len(self.local_devices),) + x.shape))
+    return jax.tree.map(put, tree)
+
+  def unshard(self, tree: Any) -> Any:
+    """``[D, R, ...]`` device arrays -> ``[n_local, ...]`` NumPy arrays."""
+    def get(x):
+      shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+      host = np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+      return host.reshape((-1,) + host.shape[2:])
+    return jax.tree.map(get, tree)
+
+  # --- mapping functions -----------------------------------------------------
+  def pmap(self, fn: Callable, *, in_axes=0, donate_argnums=()) -> Callable:
+    """``jax.pmap`` over the device axis (the one place pmap is used)."""
+    return jax.pmap(fn, axis_name=DEVICE_AXIS, in_axes=in_axes,
+                    devices=self.devices, donate_argnums=donate_argnums)
+
+  def map_local(self, fn: Callable, mapping: str) -> Callable:
+    """Maps ``fn(replica_id, *args)`` over the local replica axis of `args`.
+
+    Must be called inside :meth:`pmap`. ``replica_id`` is the global replica
+    index (int32 scalar). With ``'vmap'`` the axis is named ``'replica'``, so
+    ``fn`` may use collectives over ``('device', 'replica')``; with
+    ``'sequential'`` it runs the replicas one after another (``lax.map``) and
+    must not use collectives.
+    """
+    if mapping not in ('vmap', 'sequential'):
+      raise ValueError(f"`mapping` must be 'vmap' or 'sequential' here, got {mapping!r}.")
+    per_device = self.per_device
+
+    def mapped(*args):
+      first = lax.axis_index(DEVICE_AXIS) * per_device
+      ids = first + jnp.arange(per_device, dtype=jnp.int32)
+      if mapping == 'vmap':
+        return jax.vmap(fn, axis_name=REPLICA_AXIS)(ids, *args)
+      return lax.map(lambda xs: fn(*xs), (ids,) + args)
+    return mapped
+
+  def per_replica(self, fn: Callable, *, donate_argnums=()) -> Callable:
+    """``fn(replica_id, *args)`` on every replica (vmap locally), one dispatch."""
+    return self.pmap(self.map_local(fn, 'vmap'), donate_argnums=donate_argnums)
+
+  # --- the reference model ---------------------------------------------------
+  @functools.cached_property
+  def _mean_over_replicas(self) -> Callable:
+    axis = (DEVICE_AXIS, REPLICA_AXIS)
+    return self.per_replica(lambda _, tree: lax.pmean(tree, axis))
+
+  def reference(self, params: Any) -> Any:
+    """The mean over all replicas of replica-stacked ``[D, R, ...]`` params.
+
+    One all-reduce; returns one copy (on this process's first device).
+    """
+    mean = self._mean_over_replicas(params)
+    return jax.tree.map(lambda x: x.addressable_shards[0].data[0, 0], mean)

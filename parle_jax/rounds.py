@@ -1,0 +1,242 @@
+"""Fused rounds: ``L`` inner steps under ``lax.scan``, then one coupling, in one dispatch.
+
+A round of Parle (or of any optax optimizer, for baselines) on all replicas is
+one ``pmap``-ed call: every replica scans over its ``L`` mini-batches (given, or
+drawn on the device by a ``batch_fn``), then all replicas couple once. The
+replica state is donated, so peak memory is the state plus one step's
+activations per replica.
+
+The loss function is the single-replica contract::
+
+  loss_fn(params, model_state, batch, rng) -> (loss, (model_state, metrics))
+
+where ``model_state`` holds non-trainable per-replica variables (e.g. BatchNorm
+statistics, never averaged across replicas) and ``metrics`` is a dict of
+scalars reported for every step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from jax import lax
+
+from parle_jax import replicas as replicas_lib
+from parle_jax.optim import ParleParts
+
+LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
+# batch_fn(data, rng, step, replica) -> batch, traced inside the round.
+BatchFn = Callable[[Any, jax.Array, jax.Array, jax.Array], Any]
+# couple(opt_state) -> (params, opt_state), run once at the end of a round.
+CoupleFn = Callable[[Any], tuple[Any, Any]]
+
+
+class ReplicaState(NamedTuple):
+  """Training state of the replicas; every leaf has leading axes ``[D, R]``.
+
+  Attributes:
+    step: inner steps taken by each replica (int32).
+    params: the current params ``y`` of each replica (after a Parle round they
+      equal its anchor ``x^a``).
+    opt_state: the optimizer state of each replica (e.g. :class:`ParleState`).
+    model_state: non-trainable per-replica variables (BatchNorm statistics);
+      an empty dict when the model has none. Never reduced across replicas.
+    key: each replica's PRNG key; the data and dropout keys of a step are
+      derived from it and the step.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  model_state: Any
+  key: jax.Array
+
+
+def init_replicas(replicas: replicas_lib.Replicas, tx: optax.GradientTransformation,
+                  params: Any, model_state: Any = None, *, seed: int = 0) -> ReplicaState:
+  """Builds the replica state from per-replica params stacked on axis 0.
+
+  Args:
+    replicas: the layout.
+    tx: the per-step optimizer (for Parle, ``parts.inner``); its ``init`` runs
+      on every replica with the replica axes bound, so per-replica noise keys
+      differ.
+    params: params of this process's replicas, leading axis ``n_local``
+      (different initialisations, as in the paper).
+    model_state: per-replica model state with the same leading axis, or None.
+    seed: seed of the replicas' data and dropout keys.
+
+  Returns:
+    A :class:`ReplicaState` on the devices, leading axes ``[D, R]``.
+  """
+  model_state = {} if model_state is None else model_state
+  replica_ids = replicas.local_replica_ids
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(replica_ids)
+  host = ReplicaState(step=jnp.zeros_like(replica_ids), params=params, opt_state=None,
+                      model_state=model_state, key=keys)
+  sharded = replicas.shard(jax.device_get(host._replace(opt_state=())))
+  init = replicas.per_replica(lambda _, p: tx.init(p))
+  return sharded._replace(opt_state=init(sharded.params))
+
+
+def parle_round(loss_fn: LossFn, parts: ParleParts, replicas: replicas_lib.Replicas,
+                **kwargs) -> 'RoundFn':
+  """:func:`make_round` for Parle: inner steps of `parts`, then its coupling."""
+  if parts.axis_name != replicas.axis_name:
+    raise ValueError(
+        f'the Parle parts reduce over axis_name={parts.axis_name!r}, but these '
+        f'replicas need axis_name={replicas.axis_name!r}; build them with '
+        'parle_jax.parle_parts(..., axis_name=replicas.axis_name).')
+  return make_round(loss_fn, parts.inner, replicas, L=parts.L, couple=parts.couple,
+                    **kwargs)
+
+
+def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
+               replicas: replicas_lib.Replicas, *, L: int,
+               couple: Optional[CoupleFn] = None,
+               batch_fn: Optional[BatchFn] = None,
+               with_reference: bool = False,
+               mapping: Optional[str] = None) -> 'RoundFn':
+  """Builds the fused round: ``L`` steps of `tx` per replica, then `couple`.
+
+  Args:
+    loss_fn: ``loss_fn(params, model_state, batch, rng) -> (loss, (model_state,
+      metrics))`` for one replica.
+    tx: per-step optimizer of one replica (``parts.inner`` for Parle, or e.g.
+      ``optax.sgd`` for baselines; collectives inside it need ``'vmap'``).
+    replicas: the layout.
+    L: steps per round (the ``lax.scan`` length), >= 1.
+    couple: ``couple(opt_state) -> (params, opt_state)`` at the end of the
+      round, under ``vmap`` over the local replicas (Parle's ``parts.couple``);
+      None for none.
+    batch_fn: None to pass the round's mini-batches, leading axes
+      ``[n_local, L]``; or ``batch_fn(data, rng, step, replica) -> batch`` to
+      draw them on the device from ``data`` (passed to the round already on
+      the devices: ``replicas.broadcast(dataset)``).
+    with_reference: also return the reference (mean of the replicas' params
+      after the round), at the cost of a second all-reduce.
+    mapping: local mapping, default ``replicas.mapping``; ``'auto'`` times one
+      round of each mapping on the first call and keeps the faster.
+
+  Returns:
+    A :class:`RoundFn`: ``round_fn(state, data) -> (state, metrics)`` (plus the
+    reference when asked), with metrics of shape ``[D, R, L]``.
+  """
+  if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+    raise ValueError(f'`L` must be an integer >= 1, got {L!r}.')
+  mapping = replicas_lib.check_mapping(replicas.mapping if mapping is None else mapping)
+
+  def replica_round(replica_id, state: ReplicaState, data):
+    """The inner steps of one replica (no collectives)."""
+    data_key = jax.random.fold_in(state.key, 0)
+    loss_key = jax.random.fold_in(state.key, 1)
+
+    def step(carry, batch):
+      step_count, params, opt_state, model_state = carry
+      if batch_fn is not None:
+        batch = batch_fn(data, data_key, step_count, replica_id)
+      rng = jax.random.fold_in(loss_key, step_count)
+      (loss, (model_state, metrics)), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(params, model_state, batch, rng)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return (step_count + 1, params, opt_state, model_state), dict(metrics, loss=loss)
+
+    carry = (state.step, state.params, state.opt_state, state.model_state)
+    xs = None if batch_fn is not None else data
+    (step_count, params, opt_state, model_state), metrics = lax.scan(
+        step, carry, xs, length=L)
+    return ReplicaState(step_count, params, opt_state, model_state, state.key), metrics
+
+  def end_of_round(_, state: ReplicaState):
+    """The coupling of one replica, under vmap (so its pmean sees all replicas)."""
+    if couple is not None:
+      params, opt_state = couple(state.opt_state)
+      state = state._replace(params=params, opt_state=opt_state)
+    reference = (lax.pmean(state.params, (replicas_lib.DEVICE_AXIS, replicas_lib.REPLICA_AXIS))
+                 if with_reference else None)
+    return state, reference
+
+  def build(local_mapping):
+    def device_round(state, data):
+      if batch_fn is None:
+        state, metrics = replicas.map_local(replica_round, local_mapping)(state, data)
+      else:
+        state, metrics = replicas.map_local(
+            lambda i, s: replica_round(i, s, data), local_mapping)(state)
+      state, reference = replicas.map_local(end_of_round, 'vmap')(state)
+      if with_reference:
+        return state, metrics, jax.tree.map(lambda x: x[0], reference)
+      return state, metrics
+    return replicas.pmap(device_round, donate_argnums=(0,))
+
+  return RoundFn(build, replicas, mapping, L=L, passes_batches=batch_fn is None,
+                 with_reference=with_reference)
+
+
+class RoundFn:
+  """A compiled fused round; call as ``round_fn(state, data)``.
+
+  Attributes:
+    mapping: the local mapping in use (``'auto'`` until the first call
+      resolves it).
+    timings: seconds per round measured for each mapping when ``'auto'`` chose.
+  """
+
+  def __init__(self, build, replicas, mapping, *, L, passes_batches, with_reference):
+    self._build = build
+    self._compiled = {}
+    self.replicas = replicas
+    self.mapping = 'vmap' if mapping == 'auto' and replicas.per_device == 1 else mapping
+    self.L = L
+    self.passes_batches = passes_batches
+    self.with_reference = with_reference
+    self.timings: dict[str, float] = {}
+
+  def _fn(self, mapping):
+    if mapping not in self._compiled:
+      self._compiled[mapping] = self._build(mapping)
+    return self._compiled[mapping]
+
+  def _check_batches(self, batches):
+    expected = (self.replicas.num_local_replicas, self.L)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batches)[0]:
+      if tuple(leaf.shape[:2]) != expected:
+        raise ValueError(
+            f'batch leaf {jax.tree_util.keystr(path)} has leading axes '
+            f'{tuple(leaf.shape[:2])}; a round needs [num_local_replicas, L] = '
+            f'{list(expected)} (one mini-batch per replica and inner step).')
+    return self.replicas.shard(batches)
+
+  def _choose_mapping(self, state, data, repeats: int = 2):
+    """Times each mapping on copies of the state; keeps the faster."""
+    for candidate in ('vmap', 'sequential'):
+      fn = self._fn(candidate)
+      trial = jax.tree.map(jnp.copy, state)
+      trial = jax.block_until_ready(fn(trial, data)[0])  # compile + warm up
+      start = time.perf_counter()
+      for _ in range(repeats):
+        trial = fn(trial, data)[0]
+      jax.block_until_ready(trial)
+      self.timings[candidate] = (time.perf_counter() - start) / repeats
+    self.mapping = min(self.timings, key=self.timings.get)
+    logging.info('round mapping: %s (seconds per round %s)', self.mapping, self.timings)
+
+  def __call__(self, state: ReplicaState, data):
+    if self.passes_batches:
+      data = self._check_batches(data)
+    if self.mapping == 'auto':
+      self._choose_mapping(state, data)
+    return self._fn(self.mapping)(state, data)
+
+  def lower(self, state, data, mapping: Optional[str] = None):
+    """``jax.stages.Lowered`` of the round (e.g. to inspect its HLO)."""
+    if self.passes_batches:
+      data = self._check_batches(data)
+    mapping = mapping or ('vmap' if self.mapping == 'auto' else self.mapping)
+    return self._fn(mapping).lower(state, data)
