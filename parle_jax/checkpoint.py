@@ -1,0 +1,77 @@
+"""Checkpoints of the replicas' whole training state, and of the reference model.
+
+Built on orbax: a checkpoint is written to a temporary directory and renamed
+when complete, so a process killed while saving leaves the previous checkpoint
+intact. The replica state (a pytree of arrays, see
+:class:`parle_jax.rounds.ReplicaState`) is saved with its device layout and
+restored onto the same layout; the reference model is saved separately as
+plain Flax variables, loadable without any of parle_jax.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Saves and restores the training state every few rounds.
+
+  Each checkpoint holds the replica state and a small JSON record (the round
+  index and whatever the caller adds, e.g. the config), under
+  ``directory/<round>``. The newest `max_to_keep` are kept.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3):
+    if max_to_keep < 1:
+      raise ValueError(f'`max_to_keep` must be >= 1, got {max_to_keep!r}.')
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest_round(self) -> Optional[int]:
+    """The round of the newest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def save(self, round_index: int, state: Any, record: dict) -> None:
+    """Writes the state after `round_index` rounds (blocking until complete)."""
+    self._manager.save(round_index, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        record=ocp.args.JsonSave(dict(record, round=round_index))), force=True)
+    self._manager.wait_until_finished()
+
+  def read_record(self, round_index: Optional[int] = None) -> dict:
+    """The JSON record of a checkpoint (the newest by default)."""
+    round_index = self.latest_round() if round_index is None else round_index
+    return self._manager.restore(round_index, args=ocp.args.Composite(
+        record=ocp.args.JsonRestore())).record
+
+  def restore(self, like: Any, round_index: Optional[int] = None) -> tuple[Any, dict]:
+    """Restores (state, record); `like` gives the structure, shapes and devices."""
+    round_index = self.latest_round() if round_index is None else round_index
+    if round_index is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self._manager.restore(round_index, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+    return restored.state, restored.record
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def save_variables(directory: str, variables: Any) -> None:
+  """Saves Flax variables (e.g. the reference ``{'params', 'batch_stats'}``)."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), variables, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_variables(directory: str) -> Any:
+  """Loads variables written by :func:`save_variables` as host arrays."""
+  return ocp.StandardCheckpointer().restore(os.path.abspath(directory))

@@ -1,0 +1,479 @@
+"""Evaluation of the replicas, their ensemble and the reference (averaged) model.
+
+Parle keeps ``n`` replicas ``x^1..x^n`` and, as its result, the *reference*
+``x = mean_a x^a`` (PARLE.md, "Batch norm and evaluation"). Every epoch the
+training loop calls :func:`evaluate`, which reports on the test set
+
+* ``reference/*``: the reference params, whose batch-norm statistics are
+  recomputed (see below);
+* ``replica/*``: each replica with its own params and its own running
+  batch-norm statistics, one value per replica in global replica order;
+* ``ensemble/*``: the mean of the replicas' softmax outputs (each replica in
+  eval mode with its own statistics), for comparison with the reference;
+* ``distance/*``: how far the replicas are from the reference, as the mean
+  L2 distance and the mean cosine similarity of the flattened params.
+
+Errors are in percent (0-100), losses are mean softmax cross-entropies (for
+the ensemble: ``-log`` of the mean predicted probability of the true label).
+
+Why batch norm is recomputed for the reference: the running mean and variance
+of a BN layer describe the activations *of the weights that produced them*.
+The scale and shift of BN are ordinary weights and are averaged with all the
+others, but the running statistics are per replica and never reduced: the
+mean of the replicas' statistics is not the statistics of the mean of their
+weights (the activations of the averaged network differ from those of every
+replica). As the authors do (like ``torch.optim.swa_utils.update_bn``), the
+reference's statistics are therefore re-estimated by forward passes in train
+mode with dropout off over training batches (:func:`recompute_batch_stats`),
+each batch weighted equally.
+
+:func:`train_error_and_loss` measures the replicas' eval-mode error on the
+training set: the paper notes that Parle ends with a high training error.
+
+Per-replica forward passes run in one ``pmap``-ed dispatch per batch for all
+replicas (``vmap`` or a loop over the local replicas); the metrics are summed
+over masked batches (:func:`parle_jax.data.eval_batches`, so each example
+counts exactly once) and finished in float64 NumPy on the host.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from parle_jax import data as data_lib
+from parle_jax import replicas as replicas_lib
+from parle_jax import rounds
+
+EVAL_MAPPINGS = ('vmap', 'sequential')
+# Per-batch sums an evaluation pass returns (per replica, or for the ensemble).
+_SUMS = ('loss', 'errors')
+
+
+# ----------------------------------------------------------------------------
+# Batch-norm statistics of given weights.
+
+
+def recompute_batch_stats(model: nn.Module, params: Any, batch_stats: Any,
+                          images_batches: Any) -> Any:
+  """Re-estimates the BatchNorm statistics of `params`, like ``update_bn``.
+
+  Runs `model` in train mode (every BN layer normalises with the statistics
+  of its batch) with dropout off, one forward pass per batch, and sets each
+  layer's running mean and variance to the equal-weight average over the
+  batches of that layer's batch mean and variance. This is
+  ``torch.optim.swa_utils.update_bn`` (cumulative average, ``momentum=None``),
+  except that the variance is Flax's batch variance (divided by the number
+  of values, not that minus one), the same one that Flax's running average
+  accumulates during training.
+
+  Implementation: every batch runs from all-zero statistics, so a layer with
+  momentum ``m`` returns ``(1 - m) * batch_stat``; ``m`` is read from each
+  ``nn.BatchNorm`` as it is called, and ``nn.Dropout`` calls return their
+  input unchanged (so no dropout rng is used, whatever the model's rates).
+
+  Args:
+    model: a Flax module called as ``model.apply(variables, x, train=...)``
+      whose non-trainable variables are ``{'batch_stats': ...}``.
+    params: the weights of one model (e.g. the reference), no replica axes.
+    batch_stats: the model's ``batch_stats`` tree; only its structure, shapes
+      and dtypes are used (its values are replaced).
+    images_batches: normalised float images ``[num_batches, B, H, W, C]``.
+
+  Returns:
+    A tree like `batch_stats` holding the recomputed statistics (`batch_stats`
+    itself when it is empty, i.e. the model has no BN layer).
+
+  Raises:
+    ValueError: for empty or non-float batches, BN statistics that no
+      ``nn.BatchNorm`` call updates, or a BN layer called more than once.
+  """
+  images_batches = _check_bn_batches(images_batches)
+  if not jax.tree.leaves(batch_stats):
+    return batch_stats
+  return _recompute_batch_stats(model, params, batch_stats, images_batches)
+
+
+def _check_bn_batches(images_batches: Any) -> jax.Array:
+  """`images_batches` as an array, after checking it is usable for BN stats."""
+  if images_batches is None:
+    raise ValueError('bn_batches / images_batches is None; batch-norm statistics '
+                     'need training batches [num_batches, B, H, W, C].')
+  images_batches = jnp.asarray(images_batches) if not isinstance(
+      images_batches, jax.Array) else images_batches
+  shape = tuple(images_batches.shape)
+  if len(shape) < 3:
+    raise ValueError(f'images_batches must be [num_batches, B, ...] (normally '
+                     f'[num_batches, B, H, W, C]), got shape {shape}.')
+  if shape[0] < 1 or shape[1] < 1:
+    raise ValueError(f'images_batches must hold at least one batch of at least '
+                     f'one image, got shape {shape}.')
+  if not jnp.issubdtype(images_batches.dtype, jnp.floating):
+    raise ValueError(f'images_batches must be normalised float images (see '
+                     f'parle_jax.data.normalize), got dtype {images_batches.dtype}.')
+  return images_batches
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _recompute_batch_stats(model, params, batch_stats, images_batches):
+  """The jitted body of :func:`recompute_batch_stats`."""
+  zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+
+  def add_batch(total, images):
+    stats = _batch_statistics(model, params, zeros, images)
+    return jax.tree.map(jnp.add, total, stats), None
+
+  total, _ = lax.scan(add_batch, zeros, images_batches)
+  return jax.tree.map(lambda t: t / images_batches.shape[0], total)
+
+
+def _batch_statistics(model: nn.Module, params: Any, zero_stats: Any,
+                      images: jax.Array) -> Any:
+  """Each BN layer's batch mean and variance in one train-mode pass, dropout off."""
+  momenta: dict[tuple[str, ...], float] = {}
+  with nn.intercept_methods(functools.partial(_stats_interceptor, momenta)):
+    _, updated = model.apply({'params': params, 'batch_stats': zero_stats}, images,
+                             train=True, mutable=['batch_stats'])
+  updated = updated['batch_stats']
+  if jax.tree.structure(updated) != jax.tree.structure(zero_stats):
+    raise ValueError(
+        'the model updated batch_stats of another structure than the one given: '
+        f'{jax.tree.structure(updated)} vs {jax.tree.structure(zero_stats)}.')
+
+  def unscale(path, value):
+    layer = tuple(str(getattr(key, 'key', key)) for key in path[:-1])
+    if layer not in momenta:
+      raise ValueError(f'batch_stats entry {jax.tree_util.keystr(path)} is not '
+                       'updated by an nn.BatchNorm call in train mode.')
+    if momenta[layer] >= 1.0:
+      raise ValueError(f'the BatchNorm at {layer} has momentum {momenta[layer]}; '
+                       'with momentum 1 it never updates its statistics.')
+    return value / (1.0 - momenta[layer])
+
+  return jax.tree_util.tree_map_with_path(unscale, updated)
+
+
+def _stats_interceptor(momenta, next_fun, args, kwargs, context):
+  """Skips ``nn.Dropout`` calls; records each ``nn.BatchNorm``'s momentum by path."""
+  module = context.module
+  if context.method_name != '__call__':
+    return next_fun(*args, **kwargs)
+  if isinstance(module, nn.Dropout):
+    return args[0] if args else kwargs['inputs']
+  if isinstance(module, nn.BatchNorm):
+    path = tuple(module.path)
+    if path in momenta:
+      raise ValueError(f'the BatchNorm at {path} is called more than once per '
+                       'forward pass; its batch statistics cannot be recovered.')
+    momenta[path] = float(module.momentum)
+  return next_fun(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Per-batch sums.
+
+
+def _masked_sums(log_probs: jax.Array, label: jax.Array, mask: jax.Array
+                 ) -> dict[str, jax.Array]:
+  """Sums of cross-entropy and errors over the real examples of a batch.
+
+  `log_probs` is ``[..., B, C]``; the sums have shape ``[...]``.
+  """
+  true = jnp.sum(jnp.where(jnp.arange(log_probs.shape[-1]) == label[:, None], log_probs, 0.0),
+                 axis=-1)
+  wrong = jnp.argmax(log_probs, axis=-1) != label
+  return {'loss': jnp.sum(jnp.where(mask, -true, 0.0), axis=-1),
+          'errors': jnp.sum(wrong & mask, axis=-1, dtype=jnp.int32)}
+
+
+def _log_probs(model: nn.Module, variables: Any, images: jax.Array) -> jax.Array:
+  """Eval-mode log-softmax outputs of one model, in float32."""
+  logits = model.apply(variables, images, train=False)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _single_model_sums(model, variables, batch, mean, std):
+  """Loss and error sums of one model (the reference) on one masked batch."""
+  images = data_lib.normalize(batch['image'], mean, std)
+  return _masked_sums(_log_probs(model, variables, images), batch['label'], batch['mask'])
+
+
+@functools.lru_cache(maxsize=32)
+def _replica_sums_fn(model: nn.Module, replicas: replicas_lib.Replicas, mapping: str):
+  """The pmapped per-batch pass of all replicas: per-replica and ensemble sums.
+
+  Called as ``fn(params, model_state, batch, mean, std)`` with ``[D, R, ...]``
+  state and one batch for all replicas; returns ``({'loss', 'errors'}`` of
+  shape ``[D, R]``, the same for the ensemble of shape ``[D]``).
+  """
+  log_n = float(np.log(replicas.num_replicas))
+
+  def device_fn(params, model_state, batch, mean, std):
+    images = data_lib.normalize(batch['image'], mean, std)
+
+    def one_replica(_, replica_params, replica_state):
+      return _log_probs(model, {'params': replica_params, **replica_state}, images)
+
+    log_probs = replicas.map_local(one_replica, mapping)(params, model_state)  # [R, B, C]
+    per_replica = _masked_sums(log_probs, batch['label'], batch['mask'])
+    # log of the mean softmax over all replicas, shifted by the max for stability.
+    top = lax.pmax(jnp.max(log_probs, axis=0), replicas_lib.DEVICE_AXIS)
+    total = lax.psum(jnp.sum(jnp.exp(log_probs - top), axis=0), replicas_lib.DEVICE_AXIS)
+    ensemble = _masked_sums(jnp.log(total) + top - log_n, batch['label'], batch['mask'])
+    return per_replica, ensemble
+
+  return replicas.pmap(device_fn, in_axes=(0, 0, None, None, None))
+
+
+@functools.lru_cache(maxsize=32)
+def _reference_fn(replicas: replicas_lib.Replicas):
+  """The mean of all replicas' params and each replica's distance to it.
+
+  One all-reduce (the same mean as :meth:`Replicas.reference`). Returns
+  ``(reference, {'l2', 'cosine'})`` with leading axes ``[D, R]``: the
+  reference repeated per replica; the L2 distance and the cosine similarity
+  of each replica's flattened params to it.
+  """
+  def reference_and_distances(_, params):
+    reference = lax.pmean(params, (replicas_lib.DEVICE_AXIS, replicas_lib.REPLICA_AXIS))
+    pairs = [(x.astype(jnp.float32), r.astype(jnp.float32))
+             for x, r in zip(jax.tree.leaves(params), jax.tree.leaves(reference))]
+    total = lambda fn: sum(jnp.sum(fn(x, r)) for x, r in pairs)
+    squared = total(lambda x, r: jnp.square(x - r))
+    dot = total(lambda x, r: x * r)
+    norms = jnp.sqrt(total(lambda x, _: x * x) * total(lambda _, r: r * r))
+    return reference, {'l2': jnp.sqrt(squared), 'cosine': dot / norms}
+  return replicas.per_replica(reference_and_distances)
+
+
+# ----------------------------------------------------------------------------
+# Host side.
+
+
+def _replica_values(replicas: replicas_lib.Replicas, tree: Any) -> Any:
+  """``[D, R]`` device arrays -> NumPy ``[n]`` in global replica order."""
+  local = replicas.unshard(tree)
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  ids = np.asarray(multihost_utils.process_allgather(replicas.local_replica_ids)).reshape(-1)
+
+  def gather(x):
+    everything = np.asarray(multihost_utils.process_allgather(x))
+    out = np.empty((replicas.num_replicas,) + x.shape[1:], x.dtype)
+    out[ids] = everything.reshape((-1,) + x.shape[1:])
+    return out
+  return jax.tree.map(gather, local)
+
+
+def _first_copy(tree: Any) -> Any:
+  """The copy on this process's first device of pmapped ``[D, ...]`` arrays."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def _first_replica(tree: Any) -> Any:
+  """This process's first stored replica of ``[D, R, ...]`` arrays, on its device."""
+  return jax.tree.map(lambda x: x.addressable_shards[0].data[0, 0], tree)
+
+
+def _check_state(replicas: replicas_lib.Replicas, state: rounds.ReplicaState) -> None:
+  expected = (len(replicas.local_devices), replicas.per_device)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
+    if tuple(leaf.shape[:2]) != expected:
+      raise ValueError(
+          f'state.params{jax.tree_util.keystr(path)} has leading axes '
+          f'{tuple(leaf.shape[:2])}; the replicas need [D, R] = {list(expected)}.')
+
+
+def _check_arrays(arrays: Mapping[str, Any], name: str) -> None:
+  if not isinstance(arrays, Mapping) or 'image' not in arrays or 'label' not in arrays:
+    raise ValueError(f"{name} must be a dict with 'image' and 'label' arrays.")
+  if np.shape(arrays['image'])[:1] == (0,):
+    raise ValueError(f"{name} holds no examples (its 'image' has shape "
+                     f"{np.shape(arrays['image'])}).")
+
+
+def _check_channels(image_shape: tuple[int, ...], mean: Any, std: Any) -> None:
+  channels = image_shape[-1:]
+  if np.shape(mean) != channels or np.shape(std) != channels:
+    raise ValueError(f'mean and std must have shape {channels} (one value per '
+                     f'channel), got {np.shape(mean)} and {np.shape(std)}.')
+
+
+def _check_mapping(mapping: str) -> str:
+  if mapping not in EVAL_MAPPINGS:
+    raise ValueError(f'`mapping` must be one of {EVAL_MAPPINGS}, got {mapping!r}.')
+  return mapping
+
+
+def _metrics(sums: Mapping[str, np.ndarray], count: int, prefix: str,
+             split: str) -> dict[str, Any]:
+  """Error (percent) and mean loss from float64 sums; lists for per-replica sums."""
+  error = 100.0 * np.asarray(sums['errors'], np.float64) / count
+  loss = np.asarray(sums['loss'], np.float64) / count
+  convert = (lambda x: float(x)) if error.ndim == 0 else (lambda x: [float(v) for v in x])
+  return {f'{prefix}/{split}_error': convert(error), f'{prefix}/{split}_loss': convert(loss)}
+
+
+def _add(total: Optional[dict], sums: Mapping[str, np.ndarray]) -> dict:
+  sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+  return sums if total is None else {k: total[k] + sums[k] for k in _SUMS}
+
+
+def _replica_pass(model, replicas, state, arrays, mean, std, batch_size, mapping
+                  ) -> tuple[dict, dict, int]:
+  """Sums over `arrays` of every replica's (``[n]``) and the ensemble's metrics."""
+  fn = _replica_sums_fn(model, replicas, _check_mapping(mapping))
+  mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  outputs = [fn(state.params, state.model_state, batch, mean, std)
+             for batch in data_lib.eval_batches(arrays, batch_size)]
+  per_replica, ensemble = None, None
+  for replica_sums, ensemble_sums in outputs:
+    per_replica = _add(per_replica, _replica_values(replicas, replica_sums))
+    ensemble = _add(ensemble, _first_copy(ensemble_sums))
+  return per_replica, ensemble, int(np.shape(arrays['label'])[0])
+
+
+def _reference_pass(model, variables, arrays, mean, std, batch_size) -> dict:
+  """Sums over `arrays` of the reference model's metrics."""
+  device = next(iter(jax.tree.leaves(variables)[0].devices()))
+  mean, std = (jax.device_put(np.asarray(x, np.float32), device) for x in (mean, std))
+  outputs = [_single_model_sums(model, variables, jax.device_put(batch, device), mean, std)
+             for batch in data_lib.eval_batches(arrays, batch_size)]
+  total = None
+  for sums in outputs:
+    total = _add(total, jax.device_get(sums))
+  return total
+
+
+def reference_variables(model: nn.Module, replicas: replicas_lib.Replicas,
+                        state: rounds.ReplicaState, bn_batches: Any
+                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """The reference's variables, and each replica's distance to its params.
+
+  Returns ``({'params': ..., **model_state}, {'l2': [n], 'cosine': [n]})``.
+  The variables lie on this process's first device: the mean of the
+  replicas' params and, if the model has any, ``batch_stats`` recomputed on
+  `bn_batches` by :func:`recompute_batch_stats` (the first replica's tree
+  gives the structure).
+  """
+  stacked, distances = _reference_fn(replicas)(state.params)
+  distances = _replica_values(replicas, distances)
+  params = _first_replica(stacked)
+  # One placement (a plain single-device array) whatever the layout, so the
+  # jitted reference functions compile once per model and shape.
+  device = next(iter(jax.tree.leaves(params)[0].devices()))
+  params = jax.device_put(params, device)
+  variables = {'params': params}
+  model_state = dict(state.model_state)
+  if not jax.tree.leaves(model_state):
+    return variables, distances
+  if set(model_state) != {'batch_stats'}:
+    raise ValueError(f"the replicas' model_state must hold only 'batch_stats', got "
+                     f'{sorted(model_state)}.')
+  structure = jax.device_put(_first_replica(model_state['batch_stats']), device)
+  bn_batches = jax.device_put(_check_bn_batches(bn_batches), device)
+  variables['batch_stats'] = recompute_batch_stats(model, params, structure, bn_batches)
+  return variables, distances
+
+
+def evaluate(model: nn.Module, replicas: replicas_lib.Replicas,
+             state: rounds.ReplicaState, test_arrays: Mapping[str, np.ndarray], *,
+             mean: Any, std: Any, bn_batches: Any, batch_size: int = 1000,
+             mapping: str = 'vmap') -> dict[str, float | list[float]]:
+  """Test metrics of the reference, every replica and their ensemble; distances.
+
+  Args:
+    model: the Flax module the replicas train.
+    replicas: their layout.
+    state: the replicas' state (leaves ``[D, R, ...]``; ``model_state`` is
+      ``{'batch_stats': ...}`` or empty).
+    test_arrays: ``{'image': uint8 [N, H, W, C], 'label': int [N]}``.
+    mean: per-channel mean ``[C]`` used by :func:`parle_jax.data.normalize`.
+    std: per-channel standard deviation ``[C]``.
+    bn_batches: normalised training images ``[num_batches, B, H, W, C]`` from
+      which the reference's BN statistics are recomputed (may be None only for
+      a model without batch norm).
+    batch_size: test examples per forward pass (the last batch is padded and
+      masked, so each example counts once).
+    mapping: ``'vmap'`` or ``'sequential'``, how the replicas of one device
+      are mapped.
+
+  Returns:
+    ``'reference/test_error'``, ``'reference/test_loss'``,
+    ``'ensemble/test_error'``, ``'ensemble/test_loss'`` (floats),
+    ``'replica/test_error'``, ``'replica/test_loss'`` (lists of n floats, in
+    global replica order), ``'distance/l2_mean'`` and
+    ``'distance/cosine_mean'`` (floats). Errors are in percent.
+
+  Raises:
+    ValueError: for an empty test set, test images of another shape than
+      `bn_batches`, mean/std of the wrong shape, a state of another layout,
+      missing or empty `bn_batches`, or an unknown mapping.
+  """
+  _check_mapping(mapping)
+  _check_state(replicas, state)
+  _check_arrays(test_arrays, 'test_arrays')
+  image_shape = tuple(np.shape(test_arrays['image'])[1:])
+  _check_channels(image_shape, mean, std)
+  if jax.tree.leaves(state.model_state) or bn_batches is not None:
+    bn_batches = _check_bn_batches(bn_batches)
+    if tuple(bn_batches.shape[2:]) != image_shape:
+      raise ValueError(f'test images have shape {image_shape} but bn_batches images '
+                       f'have shape {tuple(bn_batches.shape[2:])}.')
+
+  per_replica, ensemble, count = _replica_pass(
+      model, replicas, state, test_arrays, mean, std, batch_size, mapping)
+  variables, distances = reference_variables(model, replicas, state, bn_batches)
+  reference = _reference_pass(model, variables, test_arrays, mean, std, batch_size)
+
+  return {
+      **_metrics(reference, count, 'reference', 'test'),
+      **_metrics(per_replica, count, 'replica', 'test'),
+      **_metrics(ensemble, count, 'ensemble', 'test'),
+      'distance/l2_mean': float(np.mean(np.asarray(distances['l2'], np.float64))),
+      'distance/cosine_mean': float(np.mean(np.asarray(distances['cosine'], np.float64))),
+  }
+
+
+def train_error_and_loss(model: nn.Module, replicas: replicas_lib.Replicas,
+                         state: rounds.ReplicaState, arrays: Mapping[str, np.ndarray], *,
+                         mean: Any, std: Any, batch_size: int = 1000,
+                         max_examples: Optional[int] = None,
+                         mapping: str = 'vmap') -> dict[str, list[float]]:
+  """Eval-mode error and loss of every replica on (the first examples of) a split.
+
+  Args:
+    model, replicas, state, mean, std, batch_size, mapping: as in :func:`evaluate`.
+    arrays: ``{'image': uint8 [N, H, W, C], 'label': int [N]}``, normally
+      the training set.
+    max_examples: evaluate on the first `max_examples` examples only (all of
+      them when None).
+
+  Returns:
+    ``{'replica/train_error': [...], 'replica/train_loss': [...]}``, one
+    value per replica in global replica order; errors in percent.
+
+  Raises:
+    ValueError: for an empty split, ``max_examples < 1``, mean/std of the
+      wrong shape, a state of another layout or an unknown mapping.
+  """
+  _check_mapping(mapping)
+  _check_state(replicas, state)
+  _check_arrays(arrays, 'arrays')
+  if max_examples is not None:
+    if isinstance(max_examples, bool) or int(max_examples) != max_examples or max_examples < 1:
+      raise ValueError(f'max_examples must be an integer >= 1 or None, got {max_examples!r}.')
+    arrays = {'image': arrays['image'][:max_examples], 'label': arrays['label'][:max_examples]}
+  _check_channels(tuple(np.shape(arrays['image'])[1:]), mean, std)
+  per_replica, _, count = _replica_pass(model, replicas, state, arrays, mean, std,
+                                        batch_size, mapping)
+  return _metrics(per_replica, count, 'replica', 'train')
