@@ -1,0 +1,44 @@
+# parle_jax: `make train` runs the default experiment, `make test` the tests.
+# Both build the environment (.venv, pinned requirements.txt) and the data from scratch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= $(CURDIR)/data
+WORKDIR ?= $(CURDIR)/workdirs/default
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+export PARLE_DATA_DIR := $(DATA_DIR)
+
+.PHONY: env data train test benchmark clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# The offline Fashion-MNIST files (Debian package); TFDS downloads them instead where there is internet.
+data:
+	@if [ -f "$(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's dataset-fashion-mnist (Fashion-MNIST files) ..."; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) ; \
+	else \
+	  echo "Fashion-MNIST files not found in $(FASHION_MNIST_DIR): run 'sudo apt-get install -y dataset-fashion-mnist'" \
+	       "(Debian/Ubuntu), or keep internet access so TFDS can download fashion_mnist."; \
+	fi
+
+train: env data
+	$(BIN)/python -m experiments.train --config=experiments/configs/default.py --workdir=$(WORKDIR)
+
+test: env data
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest tests -q
+
+benchmark: env
+	$(BIN)/python -m experiments.benchmark
+
+clean:
+	rm -rf $(VENV) workdirs

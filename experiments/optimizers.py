@@ -1,0 +1,192 @@
+"""The five optimizers of the experiments, all as fused rounds of one training loop.
+
+Every optimizer becomes a :class:`Plan` (replicas, batch per replica, steps per
+round, number of rounds, how the budget is counted) and a per-step optax
+transform plus an optional end-of-round coupling, so that Parle and the
+baselines run through the same loop, data pipeline and evaluation:
+
+==================  ==========  =======================================================
+optimizer           replicas    per step / per round
+==================  ==========  =======================================================
+parle               n (3)       Entropy-SGD inner step / elastic coupling (1 all-reduce)
+entropy_sgd         1           Entropy-SGD inner step / outer step (Parle, n=1, rho=0)
+elastic_sgd         n (3)       Elastic-SGD step, all-reduce of the weights every step
+sgd                 1           Nesterov SGD
+data_parallel_sgd   n (devices) gradients all-reduced every step; batch split over n
+==================  ==========  =======================================================
+
+Epochs are the paper's: one Parle (or Entropy-SGD) epoch is ``nb`` rounds of
+``L`` mini-batches, i.e. ``L`` passes over the data per replica; for the
+SGD-type optimizers an epoch is one pass. ``effective epochs`` (passes over a
+replica's data) make the two comparable; ``nb`` is the number of mini-batches
+in one pass over a replica's share of the training set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import optax
+from jax import lax
+
+import parle_jax
+from parle_jax import rounds
+
+from experiments.configs.base import OPTIMIZERS
+
+_ENTROPY_TYPE = ('parle', 'entropy_sgd')
+_SINGLE_MODEL = ('sgd', 'entropy_sgd')
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How an optimizer spends its budget.
+
+  Attributes:
+    optimizer: one of :data:`OPTIMIZERS`.
+    num_replicas: replicas (models) trained at once.
+    batch_size: mini-batch of one replica per step.
+    steps_per_round: steps fused into one dispatch (``L`` for Parle).
+    total_rounds: rounds to run.
+    batches_per_epoch: ``nb``, mini-batches per pass over a replica's data.
+    rounds_per_epoch: rounds in one epoch of this optimizer.
+    examples_per_replica: size of a replica's share of the training set.
+    same_init: whether all replicas start from the same weights.
+    mapping: local replica mapping (``'vmap'`` where steps use collectives).
+  """
+
+  optimizer: str
+  num_replicas: int
+  batch_size: int
+  steps_per_round: int
+  total_rounds: int
+  batches_per_epoch: int
+  rounds_per_epoch: float
+  examples_per_replica: int
+  same_init: bool
+  mapping: str
+
+  def epochs(self, rounds_done: int) -> float:
+    """Epochs of this optimizer completed after `rounds_done` rounds."""
+    return rounds_done / self.rounds_per_epoch
+
+  def effective_epochs(self, rounds_done: int) -> float:
+    """Passes over one replica's data after `rounds_done` rounds."""
+    return rounds_done * self.steps_per_round * self.batch_size / self.examples_per_replica
+
+  def gradient_evaluations(self, rounds_done: int) -> int:
+    """Mini-batch gradients computed by all replicas together."""
+    return rounds_done * self.steps_per_round * self.num_replicas
+
+
+def make_plan(config, num_train_examples: int, num_devices: int) -> Plan:
+  """Derives the :class:`Plan` from a (validated) experiment config."""
+  optimizer = config.optimizer
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f'config.optimizer={optimizer!r} is unknown; choose one of {OPTIMIZERS}.')
+  num_replicas = config.num_replicas
+  if num_replicas is None:
+    num_replicas = {'sgd': 1, 'entropy_sgd': 1, 'data_parallel_sgd': num_devices}.get(
+        optimizer, 3)
+  if optimizer in _SINGLE_MODEL and num_replicas != 1:
+    raise ValueError(
+        f'config.optimizer={optimizer!r} trains one model, but config.num_replicas='
+        f'{num_replicas}; leave num_replicas unset (None) or set it to 1.')
+  batch_size = config.batch_size
+  if optimizer == 'data_parallel_sgd':  # one model; the global batch is split
+    if batch_size % num_replicas:
+      raise ValueError(
+          f'config.batch_size={batch_size} must be divisible by the {num_replicas} '
+          'data-parallel workers (config.num_replicas).')
+    batch_size //= num_replicas
+  if optimizer == 'data_parallel_sgd':
+    examples = num_train_examples // num_replicas  # each worker's share of an epoch
+  elif config.data_fraction < 1:
+    examples = max(1, round(config.data_fraction * num_train_examples))
+  else:
+    examples = num_train_examples
+  if batch_size > examples:
+    raise ValueError(f'config.batch_size={config.batch_size} exceeds the {examples} '
+                     'training examples of a replica.')
+  batches_per_epoch = math.ceil(examples / batch_size)
+  steps_per_round = config.L
+  if optimizer in _ENTROPY_TYPE:
+    rounds_per_epoch = float(batches_per_epoch)
+  else:
+    rounds_per_epoch = batches_per_epoch / steps_per_round
+  total_rounds = max(1, round(config.epochs * rounds_per_epoch))
+  uses_collectives_per_step = optimizer in ('elastic_sgd', 'data_parallel_sgd')
+  mapping = config.mapping
+  if uses_collectives_per_step and num_replicas > num_devices:
+    if mapping == 'sequential':
+      raise ValueError(
+          f"config.mapping='sequential' cannot run {optimizer}, which communicates every "
+          "step; use 'vmap' or 'auto'.")
+    mapping = 'vmap'
+  return Plan(optimizer=optimizer, num_replicas=num_replicas, batch_size=batch_size,
+              steps_per_round=steps_per_round, total_rounds=total_rounds,
+              batches_per_epoch=batches_per_epoch, rounds_per_epoch=rounds_per_epoch,
+              examples_per_replica=examples, same_init=optimizer == 'data_parallel_sgd',
+              mapping=mapping)
+
+
+def learning_rate_schedule(config, plan: Plan) -> optax.Schedule:
+  """Step decay: ``learning_rate * lr_decay ** (epoch drops passed)``.
+
+  Parle's schedules count rounds (``nb`` per epoch); the SGD-type ones steps.
+  """
+  per_epoch = plan.batches_per_epoch
+  boundaries = {int(round(epoch * per_epoch)): config.lr_decay
+                for epoch in config.lr_drop_epochs}
+  return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
+def average_gradients(axis_name) -> optax.GradientTransformation:
+  """Data-parallel SGD's step: the mean of the replicas' gradients (one all-reduce)."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    return (updates if axis_name is None else lax.pmean(updates, axis_name)), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def make_optimizer(config, plan: Plan, axis_name
+                   ) -> tuple[optax.GradientTransformation, Optional[rounds.CoupleFn]]:
+  """The per-step transform and the end-of-round coupling of `plan.optimizer`."""
+  schedule = learning_rate_schedule(config, plan)
+  nb = plan.batches_per_epoch
+  if plan.optimizer in _ENTROPY_TYPE:
+    parts = parle_jax.parle_parts(
+        schedule, L=plan.steps_per_round, inner_learning_rate=config.inner_learning_rate,
+        gamma=parle_jax.scoping(config.gamma_initial, config.gamma_max, nb),
+        rho=(parle_jax.scoping(config.rho_initial, config.rho_max, nb)
+             if plan.optimizer == 'parle' else 0.0),
+        alpha=config.alpha, momentum=config.momentum, weight_decay=config.weight_decay,
+        noise=config.noise, seed=config.seed, axis_name=axis_name)
+    return parts.inner, parts.couple
+  if plan.optimizer == 'elastic_sgd':
+    return parle_jax.elastic_sgd(
+        schedule, parle_jax.scoping(config.rho_initial, config.rho_max, nb),
+        momentum=config.momentum, weight_decay=config.weight_decay,
+        axis_name=axis_name), None
+  sgd = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                    optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  if plan.optimizer == 'data_parallel_sgd':
+    return optax.chain(average_gradients(axis_name), sgd), None
+  return sgd, None
+
+
+def select_devices(plan: Plan) -> list:
+  """All devices, or the first `num_replicas` when there are fewer replicas."""
+  devices = jax.devices()
+  if plan.num_replicas < len(devices):
+    return devices[:plan.num_replicas]
+  if plan.num_replicas % len(devices):
+    raise ValueError(
+        f'config.num_replicas={plan.num_replicas} must be a multiple of the '
+        f'{len(devices)} devices (or at most their number).')
+  return devices
