@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging as std_logging
 import os
 import time
 from typing import Any
@@ -236,6 +237,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _WORKDIR.value is None or _CONFIG.value is None:
     raise app.UsageError('--config and --workdir are required.')
+  # orbax logs every step of every save at INFO; keep its warnings only.
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

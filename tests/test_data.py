@@ -82,12 +82,9 @@ def test_unknown_split(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def fashion(tmp_path_factory):
-  if not all((FASHION_DIR / f).is_file()
-             for f in data.FASHION_MNIST_FILES.values()):
-    pytest.skip(f'no Fashion-MNIST files in {FASHION_DIR} '
-                '(apt-get install -y dataset-fashion-mnist)')
-  data_dir = tmp_path_factory.mktemp('tfds')
+def fashion(fashion_mnist_data_dir):
+  """Fashion-MNIST prepared by the local builder (conftest), loaded from its cache."""
+  data_dir = fashion_mnist_data_dir
   train = data.load('fashion_mnist', 'train', data_dir)
   test = data.load('fashion_mnist', 'test', data_dir)
   return data_dir, train, test
