@@ -10,7 +10,7 @@ quarters of the run. For the paper's full budget use fashion_mnist_lenet.py.
 
 from experiments.configs import fashion_mnist_lenet
 
-ROUNDS = 24
+ROUNDS = 16
 BATCHES_PER_EPOCH = 469  # ceil(60000 / 128)
 
 
