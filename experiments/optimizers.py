@@ -33,9 +33,8 @@ import optax
 from jax import lax
 
 import parle_jax
-from parle_jax import rounds
-
 from experiments.configs.base import OPTIMIZERS
+from parle_jax import rounds
 
 _ENTROPY_TYPE = ('parle', 'entropy_sgd')
 _SINGLE_MODEL = ('sgd', 'entropy_sgd')

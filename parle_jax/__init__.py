@@ -18,4 +18,10 @@ from parle_jax.replicas import MAPPINGS, Replicas
 from parle_jax.rounds import (ReplicaState, RoundFn, init_replicas, make_round,
                               parle_round)
 
+__all__ = [
+    'ElasticCouplingState', 'ElasticSGDState', 'EntropySGDInnerState', 'MAPPINGS',
+    'ParleParts', 'ParleState', 'ReplicaState', 'Replicas', 'RoundFn', 'elastic_coupling',
+    'elastic_sgd', 'entropy_sgd_inner', 'init_replicas', 'make_round', 'parle',
+    'parle_parts', 'parle_round', 'reference_params', 'scoping',
+]
 __version__ = '0.1.0'

@@ -213,7 +213,7 @@ class RoundFn:
             f'{list(expected)} (one mini-batch per replica and inner step).')
     return self.replicas.shard(batches)
 
-  def _choose_mapping(self, state, data, repeats: int = 2):
+  def _choose_mapping(self, state, data, repeats: int = 1):
     """Times each mapping on copies of the state; keeps the faster."""
     for candidate in ('vmap', 'sequential'):
       fn = self._fn(candidate)

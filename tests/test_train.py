@@ -138,9 +138,13 @@ def test_budget_accounting():
 def test_sgd_baseline_gets_the_same_gradient_budget():
   config = default.get_config()
   plan = optimizers.make_plan(config, 60000, 1)
+  total = plan.gradient_evaluations(plan.total_rounds)
   sgd_plan = optimizers.make_plan(train.sgd_config_with_same_budget(config, plan), 60000, 1)
-  assert sgd_plan.gradient_evaluations(sgd_plan.total_rounds) == pytest.approx(
-      plan.gradient_evaluations(plan.total_rounds), rel=0.02)
+  assert sgd_plan.gradient_evaluations(sgd_plan.total_rounds) == pytest.approx(total, rel=0.02)
+  per_replica = optimizers.make_plan(
+      train.sgd_config_with_same_budget(config, plan, per_replica=True), 60000, 1)
+  assert per_replica.gradient_evaluations(per_replica.total_rounds) == pytest.approx(
+      total / 3, rel=0.05)
 
 
 @pytest.mark.parametrize('field, value, message', [
