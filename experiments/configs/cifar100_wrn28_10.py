@@ -1,19 +1,9 @@
-"""WRN-28-10 on CIFAR-100 (paper: Parle 17.64% with n=3, SGD 18.85%).
+"""WRN-28-10 on CIFAR-100 (paper: Parle 17.64% with n=3, SGD 18.85%); as CIFAR-10."""
 
-5 Parle epochs (125 effective epochs), lr 0.1 divided by 5 each epoch,
-weight decay 5e-4, dropout 0.25, random flips and 4-pixel pad + crop.
-"""
-
-from experiments.configs import base
+from experiments.configs import cifar10_wrn28_10
 
 
 def get_config():
-  config = base.get_config()
+  config = cifar10_wrn28_10.get_config()
   config.dataset = 'cifar100'
-  config.augment = True
-  config.model = 'wrn'
-  config.model_kwargs.depth = 28
-  config.model_kwargs.width = 10
-  config.model_kwargs.dropout = 0.25
-  config.weight_decay = 5e-4
   return config

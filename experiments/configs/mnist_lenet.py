@@ -1,11 +1,9 @@
-"""LeNet on MNIST (paper: Parle 0.44% test error with n=6, SGD 0.50%)."""
+"""LeNet on MNIST (paper: Parle 0.44% test error with n=6, SGD 0.50%); as Fashion-MNIST."""
 
-from experiments.configs import base
+from experiments.configs import fashion_mnist_lenet
 
 
 def get_config():
-  config = base.get_config()
+  config = fashion_mnist_lenet.get_config()
   config.dataset = 'mnist'
-  config.model = 'lenet'
-  config.model_kwargs.dropout = 0.25
   return config
