@@ -50,7 +50,7 @@ MODELS = {  # name -> (create_model args, kwargs, image shape; None: --wrn_image
     'lenet': (('lenet', 10), {}, (28, 28, 1)),
     'wrn16_4': (('wrn', 10), {'depth': 16, 'width': 4}, None),
 }
-MAPPINGS = ('vmap', 'sequential')
+MAPPINGS = parle_jax.replicas.LOCAL_MAPPINGS
 TARGET_PARLE_VS_SGD = 1.10
 TARGET_REPLICA_SCALING = 1.05
 

@@ -52,7 +52,7 @@ from parle_jax import data as data_lib
 from parle_jax import replicas as replicas_lib
 from parle_jax import rounds
 
-EVAL_MAPPINGS = ('vmap', 'sequential')
+EVAL_MAPPINGS = replicas_lib.LOCAL_MAPPINGS
 # Per-batch sums an evaluation pass returns (per replica, or for the ensemble).
 _SUMS = ('loss', 'errors')
 

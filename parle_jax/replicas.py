@@ -27,7 +27,8 @@ from jax import lax
 
 DEVICE_AXIS = 'device'
 REPLICA_AXIS = 'replica'
-MAPPINGS = ('vmap', 'sequential', 'auto')
+LOCAL_MAPPINGS = ('vmap', 'sequential')  # how one device runs its replicas
+MAPPINGS = LOCAL_MAPPINGS + ('auto',)  # 'auto': the faster, measured
 
 
 def check_mapping(mapping: str) -> str:
@@ -151,8 +152,8 @@ class Replicas:
     ``'sequential'`` it runs the replicas one after another (``lax.map``) and
     must not use collectives.
     """
-    if mapping not in ('vmap', 'sequential'):
-      raise ValueError(f"`mapping` must be 'vmap' or 'sequential' here, got {mapping!r}.")
+    if mapping not in LOCAL_MAPPINGS:
+      raise ValueError(f'`mapping` must be one of {LOCAL_MAPPINGS} here, got {mapping!r}.')
     per_device = self.per_device
 
     def mapped(*args):

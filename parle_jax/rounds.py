@@ -77,9 +77,9 @@ def init_replicas(replicas: replicas_lib.Replicas, tx: optax.GradientTransformat
   model_state = {} if model_state is None else model_state
   replica_ids = replicas.local_replica_ids
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(replica_ids)
-  host = ReplicaState(step=jnp.zeros_like(replica_ids), params=params, opt_state=None,
-                      model_state=model_state, key=keys)
-  sharded = replicas.shard(jax.device_get(host._replace(opt_state=())))
+  sharded = replicas.shard(jax.device_get(ReplicaState(
+      step=jnp.zeros_like(replica_ids), params=params, opt_state=(),
+      model_state=model_state, key=keys)))
   init = replicas.per_replica(lambda _, p: tx.init(p))
   return sharded._replace(opt_state=init(sharded.params))
 

@@ -9,9 +9,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from parle_jax import data, models
+from parle_jax.replicas import MAPPINGS
 
 OPTIMIZERS = ('parle', 'entropy_sgd', 'elastic_sgd', 'sgd', 'data_parallel_sgd')
-MAPPINGS = ('auto', 'vmap', 'sequential')
 
 
 def get_config() -> ml_collections.ConfigDict:
