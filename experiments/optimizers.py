@@ -157,7 +157,7 @@ def make_optimizer(config, plan: Plan, axis_name
                    ) -> tuple[optax.GradientTransformation, Optional[rounds.CoupleFn]]:
   """The per-step transform and the end-of-round coupling of `plan.optimizer`."""
   schedule = learning_rate_schedule(config, plan)
-  nb = plan.batches_per_epoch
+  nb = config.scoping_batches_per_epoch or plan.batches_per_epoch
   if plan.optimizer in _ENTROPY_TYPE:
     parts = parle_jax.parle_parts(
         schedule, L=plan.steps_per_round, inner_learning_rate=config.inner_learning_rate,

@@ -89,9 +89,13 @@ class Experiment:
 
   def evaluate(self, state) -> dict[str, Any]:
     mapping = 'vmap' if self.round_fn.mapping == 'auto' else self.round_fn.mapping
+    train_subset = None
+    if self.config.train_eval_examples:
+      train_subset = {k: v[:self.config.train_eval_examples] for k, v in self.train_arrays.items()}
     results = evaluate.evaluate(
         self.model, self.replicas, state, self.test_arrays, mean=self.mean, std=self.std,
-        bn_batches=self.bn_batches, batch_size=self.config.eval_batch_size, mapping=mapping)
+        bn_batches=self.bn_batches, batch_size=self.config.eval_batch_size, mapping=mapping,
+        train_arrays=train_subset)
     if self.config.train_eval_examples:
       results.update(evaluate.train_error_and_loss(
           self.model, self.replicas, state, self.train_arrays, mean=self.mean, std=self.std,
@@ -135,10 +139,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                          max_to_keep=config.keep_checkpoints)
   state = experiment.init_state()
-  start_round = 0
+  start_round, train_seconds = 0, 0.0
   if checkpointer.latest_round() is not None:
     state, record = checkpointer.restore(state)
-    start_round = record['round']
+    start_round, train_seconds = record['round'], record.get('train_seconds', 0.0)
     logging.info('Resumed from the checkpoint after round %d in %s', start_round, workdir)
   elif jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -151,11 +155,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar = tqdm.tqdm(total=plan.total_rounds, initial=start_round, unit='round',
                   disable=not config.progress_bar or jax.process_index() != 0,
                   dynamic_ncols=True)
+  if start_round < plan.total_rounds:  # compile (and time the mappings) outside the clock
+    warm_up_seconds = experiment.round_fn.warm_up(state, experiment.device_data)
+    logging.info('compiled the round in %.1f s; mapping %s', warm_up_seconds,
+                 experiment.round_fn.mapping)
   window_losses, window_errors, window_start = [], [], time.perf_counter()
   last_checkpoint, results = checkpointer.latest_round(), {}
   for rounds_done in range(start_round + 1, plan.total_rounds + 1):
+    round_start = time.perf_counter()
     state, metrics = experiment.round_fn(state, experiment.device_data)
     losses = replicas.unshard(metrics['loss'])  # [n_local, L]; waits for the round
+    train_seconds += time.perf_counter() - round_start
     bad = _first_non_finite(losses, replicas.local_replica_ids)
     if bad is not None:
       bar.close()
@@ -172,18 +182,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       elapsed = time.perf_counter() - window_start
       summary = _round_summary(plan, rounds_done, window_losses, window_errors,
                                len(window_losses) * samples_per_round / elapsed)
+      summary['train_seconds'] = train_seconds
       writer.write(rounds_done, summary)
       bar.set_postfix(epoch=f"{summary['epoch']:.2f}", loss=f"{summary['train/loss']:.3f}",
                       img_s=f"{summary['images_per_second']:.0f}")
       window_losses, window_errors, window_start = [], [], time.perf_counter()
     if rounds_done % eval_every == 0 or final:
       results = experiment.evaluate(state)
-      writer.write(rounds_done, dict(results, epoch=plan.epochs(rounds_done)))
+      writer.write(rounds_done, dict(results, epoch=plan.epochs(rounds_done),
+                                     effective_epochs=plan.effective_epochs(rounds_done),
+                                     gradient_evaluations=plan.gradient_evaluations(rounds_done),
+                                     train_seconds=train_seconds))
       bar.write(f"round {rounds_done} (epoch {plan.epochs(rounds_done):.2f}): reference "
                 f"test error {results['reference/test_error']:.2f}%, replicas "
                 + ', '.join(f'{e:.2f}%' for e in results['replica/test_error']))
     if rounds_done % config.checkpoint_every_rounds == 0 or final:
-      checkpointer.save(rounds_done, state, {'config': json.loads(config_json)})
+      checkpointer.save(rounds_done, state, {'config': json.loads(config_json),
+                                             'train_seconds': train_seconds})
       last_checkpoint = rounds_done
   bar.close()
   writer.close()
@@ -196,7 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = dict(results, optimizer=plan.optimizer, num_replicas=plan.num_replicas,
                  rounds=plan.total_rounds, epochs=plan.epochs(plan.total_rounds),
                  effective_epochs=plan.effective_epochs(plan.total_rounds),
-                 gradient_evaluations=plan.gradient_evaluations(plan.total_rounds))
+                 gradient_evaluations=plan.gradient_evaluations(plan.total_rounds),
+                 train_seconds=train_seconds, mapping=experiment.round_fn.mapping)
   print(f"{plan.optimizer} ({plan.num_replicas} replica{'s' * (plan.num_replicas > 1)}, "
         f"{results['effective_epochs']:.1f} effective epochs): reference test error "
         f"{results['reference/test_error']:.2f}%, ensemble {results['ensemble/test_error']:.2f}%")

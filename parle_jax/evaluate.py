@@ -388,7 +388,8 @@ def reference_variables(model: nn.Module, replicas: replicas_lib.Replicas,
 def evaluate(model: nn.Module, replicas: replicas_lib.Replicas,
              state: rounds.ReplicaState, test_arrays: Mapping[str, np.ndarray], *,
              mean: Any, std: Any, bn_batches: Any, batch_size: int = 1000,
-             mapping: str = 'vmap') -> dict[str, float | list[float]]:
+             mapping: str = 'vmap', train_arrays: Optional[Mapping[str, np.ndarray]] = None
+             ) -> dict[str, float | list[float]]:
   """Test metrics of the reference, every replica and their ensemble; distances.
 
   Args:
@@ -406,13 +407,17 @@ def evaluate(model: nn.Module, replicas: replicas_lib.Replicas,
       masked, so each example counts once).
     mapping: ``'vmap'`` or ``'sequential'``, how the replicas of one device
       are mapped.
+    train_arrays: optionally (a subset of) the training set, on which the
+      reference's error and loss are also measured.
 
   Returns:
     ``'reference/test_error'``, ``'reference/test_loss'``,
     ``'ensemble/test_error'``, ``'ensemble/test_loss'`` (floats),
     ``'replica/test_error'``, ``'replica/test_loss'`` (lists of n floats, in
     global replica order), ``'distance/l2_mean'`` and
-    ``'distance/cosine_mean'`` (floats). Errors are in percent.
+    ``'distance/cosine_mean'`` (floats); with `train_arrays` also
+    ``'reference/train_error'`` and ``'reference/train_loss'``. Errors are in
+    percent.
 
   Raises:
     ValueError: for an empty test set, test images of another shape than
@@ -434,9 +439,15 @@ def evaluate(model: nn.Module, replicas: replicas_lib.Replicas,
       model, replicas, state, test_arrays, mean, std, batch_size, mapping)
   variables, distances = reference_variables(model, replicas, state, bn_batches)
   reference = _reference_pass(model, variables, test_arrays, mean, std, batch_size)
+  on_train = {}
+  if train_arrays is not None:
+    _check_arrays(train_arrays, 'train_arrays')
+    on_train = _metrics(_reference_pass(model, variables, train_arrays, mean, std, batch_size),
+                        len(train_arrays['label']), 'reference', 'train')
 
   return {
       **_metrics(reference, count, 'reference', 'test'),
+      **on_train,
       **_metrics(per_replica, count, 'replica', 'test'),
       **_metrics(ensemble, count, 'ensemble', 'test'),
       'distance/l2_mean': float(np.mean(np.asarray(distances['l2'], np.float64))),

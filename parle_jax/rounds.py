@@ -227,6 +227,21 @@ class RoundFn:
     self.mapping = min(self.timings, key=self.timings.get)
     logging.info('round mapping: %s (seconds per round %s)', self.mapping, self.timings)
 
+  def warm_up(self, state: ReplicaState, data) -> float:
+    """Compiles the round (choosing the mapping if ``'auto'``) on a copy of `state`.
+
+    `state` itself is left untouched, so timing the calls that follow measures
+    training only. Returns the seconds spent.
+    """
+    start = time.perf_counter()
+    if self.passes_batches:
+      data = self._check_batches(data)
+    if self.mapping == 'auto':
+      self._choose_mapping(state, data)
+    else:
+      jax.block_until_ready(self._fn(self.mapping)(jax.tree.map(jnp.copy, state), data)[0])
+    return time.perf_counter() - start
+
   def __call__(self, state: ReplicaState, data):
     if self.passes_batches:
       data = self._check_batches(data)

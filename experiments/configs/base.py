@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.inner_learning_rate = 0.1
   config.gamma_initial, config.gamma_max = 0.01, 1.0  # scoping of the proximal pull
   config.rho_initial, config.rho_max = 1.0, 10.0  # scoping of the elastic pull
+  # nb in the scoping schedules (growth 1 + 0.5 / nb per round); 0: the data's nb.
+  # Budgets scaled down from the paper's set it so the coefficients grow as they would.
+  config.scoping_batches_per_epoch = 0
   config.alpha = 0.75
   config.momentum = 0.9
   config.weight_decay = 0.0
@@ -74,6 +77,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 'checkpoint_every_rounds', 'keep_checkpoints', 'log_every_rounds'):
     if not isinstance(config[field], int) or config[field] < 1:
       fail(field, 'must be an integer >= 1')
+  if not isinstance(config.scoping_batches_per_epoch, int) or config.scoping_batches_per_epoch < 0:
+    fail('scoping_batches_per_epoch', "must be an integer >= 0 (0: the data's batches per epoch)")
   if config.eval_every_rounds < 0:
     fail('eval_every_rounds', 'must be >= 0 (0: once per epoch)')
   if not config.epochs > 0:
