@@ -50,16 +50,20 @@ MODEL_SETUPS = {  # name -> (create_model args, kwargs, image shape, training ex
     'wrn28_10': (('wrn', 10), {'depth': 28, 'width': 10}, (32, 32, 3), 50000),
 }
 
-flags.DEFINE_list('models', ['lenet', 'wrn28_10'], f'Models, of {list(MODEL_SETUPS)}.')
-flags.DEFINE_integer('L', 25, "Parle's inner steps per round.")
-flags.DEFINE_integer('batch', 128, 'Mini-batch per worker and step.')
-flags.DEFINE_integer('replicas', 3, 'n for the accounting table and the compiled check.')
-flags.DEFINE_list('workers', ['3', '4', '8', '16', '32', '64'], 'n for the network model.')
-flags.DEFINE_list('bandwidths_gbps', ['10', '25', '100'], 'Network bandwidths, Gb/s.')
-flags.DEFINE_float('latency_us', 5.0, 'Per-hop latency of the ring all-reduce, microseconds.')
-flags.DEFINE_bool('check_compiled', True, 'Count the all-reduces in the compiled rounds '
-                  '(needs --replicas devices, e.g. fake CPU devices via XLA_FLAGS).')
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_list('models', ['lenet', 'wrn28_10'], f'Models, of {list(MODEL_SETUPS)}.')
+  flags.DEFINE_integer('L', 25, "Parle's inner steps per round.")
+  flags.DEFINE_integer('batch', 128, 'Mini-batch per worker and step.')
+  flags.DEFINE_integer('replicas', 3, 'n for the accounting table and the compiled check.')
+  flags.DEFINE_list('workers', ['3', '4', '8', '16', '32', '64'], 'n for the network model.')
+  flags.DEFINE_list('bandwidths_gbps', ['10', '25', '100'], 'Network bandwidths, Gb/s.')
+  flags.DEFINE_float('latency_us', 5.0, 'Per-hop latency of the ring all-reduce, microseconds.')
+  flags.DEFINE_bool('check_compiled', True, 'Count the all-reduces in the compiled rounds '
+                    '(needs --replicas devices, e.g. fake CPU devices via XLA_FLAGS).')
 
 
 def parameter_count(model_name: str) -> int:
@@ -292,4 +296,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -38,13 +38,19 @@ from absl import app, flags, logging
 from experiments import optimizers, train
 from experiments.configs import fashion_mnist_lenet, fashion_mnist_wrn16_4
 
-_SUITE = flags.DEFINE_string('suite', 'fashion_mnist_lenet_cpu', 'Which suite to run.')
-_RUNS_DIR = flags.DEFINE_string('runs_dir', 'workdirs/suites', 'Where runs train (large).')
-_RESULTS_DIR = flags.DEFINE_string('results_dir', 'experiments/results',
-                                   'Where the raw metrics of finished runs are kept (small).')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
-_ONLY = flags.DEFINE_list('only', [], 'Run only these run-name prefixes (e.g. parle,sgd).')
-_DATA_DIR = flags.DEFINE_string('data_dir', '', 'config.data_dir for every run.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_string('suite', 'fashion_mnist_lenet_cpu', f'One of {sorted(SUITES)}.')
+  flags.DEFINE_string('runs_dir', 'workdirs/suites', 'Where runs train (large).')
+  flags.DEFINE_string('results_dir', 'experiments/results',
+                      'Where the raw metrics of finished runs are kept (small).')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
+  flags.DEFINE_list('only', [], 'Run only these run-name prefixes (e.g. parle,sgd).')
+  flags.DEFINE_string('data_dir', '', 'config.data_dir for every run.')
+
 
 ROUNDS = 12  # rounds of L = 25 mini-batches per replica in the CPU suite
 FASHION_MNIST_TRAIN = 60000
@@ -157,9 +163,10 @@ def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_d
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  run_suite(_SUITE.value, _RUNS_DIR.value, _RESULTS_DIR.value,
-            [int(s) for s in _SEEDS.value], _ONLY.value, _DATA_DIR.value)
+  run_suite(FLAGS.suite, FLAGS.runs_dir, FLAGS.results_dir, [int(s) for s in FLAGS.seeds],
+            FLAGS.only, FLAGS.data_dir)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

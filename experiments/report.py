@@ -1,0 +1,246 @@
+"""Rebuilds the results tables and plots from the raw files of a suite.
+
+  python -m experiments.report --suite=fashion_mnist_lenet_cpu
+
+Reads ``<results_dir>/<suite>/<run>/{config.json,metrics.jsonl,summary.json}``
+as :mod:`experiments.suite` leaves them, and writes
+``<results_dir>/<suite>/tables.md`` and the plots ``<results_dir>/<suite>/*.png``.
+Every number comes from those files; runs that differ only in the seed form one
+row (mean and sample standard deviation over seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_string('results_dir', 'experiments/results', 'Suites live here.')
+  flags.DEFINE_string('suite', 'fashion_mnist_lenet_cpu', 'Which suite to report.')
+
+_SEED = re.compile(r'_seed(\d+)$')
+REFERENCE_BASELINE = 'sgd_n1'  # time to accuracy: to reach this group's final test error
+
+
+@dataclasses.dataclass
+class Run:
+  """One finished run: its name, config, metric records and final summary."""
+
+  name: str
+  config: dict[str, Any]
+  records: list[dict[str, Any]]
+  summary: dict[str, Any]
+
+  @property
+  def group(self) -> str:
+    """The name without its seed: runs of one group differ only in the seed."""
+    return _SEED.sub('', self.name)
+
+  def evaluations(self) -> list[dict[str, Any]]:
+    """The records holding a test evaluation, in round order."""
+    return sorted((r for r in self.records if 'reference/test_error' in r),
+                  key=lambda r: r['round'])
+
+
+def load_runs(suite_dir: str) -> list[Run]:
+  """The finished runs (those with a ``summary.json``) of a suite directory."""
+  if not os.path.isdir(suite_dir):
+    raise FileNotFoundError(f'no suite results in {suite_dir}; run experiments.suite first.')
+  runs = []
+  for name in sorted(os.listdir(suite_dir)):
+    path = os.path.join(suite_dir, name)
+    if not os.path.isfile(os.path.join(path, 'summary.json')):
+      continue
+    with open(os.path.join(path, 'config.json')) as f:
+      config = json.load(f)
+    with open(os.path.join(path, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(path, 'summary.json')) as f:
+      summary = json.load(f)
+    runs.append(Run(name, config, records, summary))
+  return runs
+
+
+def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
+  groups: dict[str, list[Run]] = {}
+  for run in runs:
+    groups.setdefault(run.group, []).append(run)
+  return groups
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+  values = np.asarray(values, np.float64)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float('nan')
+
+
+def _format(mean: float, std: float, digits: int = 2) -> str:
+  return f'{mean:.{digits}f}' if np.isnan(std) else f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
+def _machine(runs: Sequence[Run]) -> str:
+  machines = {(r.summary['machine']['device_kind'], r.summary['machine']['cpu_count'],
+               r.summary['machine']['jax']) for r in runs}
+  return '; '.join(f'{kind} ({cpus} cores), jax {version}' for kind, cpus, version in
+                   sorted(machines))
+
+
+def accuracy_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+  """One row per group: final errors (mean, std over seeds), budget, time, machine."""
+  rows = []
+  for group, members in group_runs(runs).items():
+    summaries = [r.summary for r in members]
+    config = members[0].config
+    row = {
+        'run': group, 'optimizer': summaries[0]['optimizer'],
+        'replicas': summaries[0]['num_replicas'], 'batch': config['batch_size'],
+        'data_fraction': config['data_fraction'], 'seeds': len(members),
+        'reference_test_error': _mean_std([s['reference/test_error'] for s in summaries]),
+        'ensemble_test_error': _mean_std([s['ensemble/test_error'] for s in summaries]),
+        'replica_test_error': _mean_std([np.mean(s['replica/test_error']) for s in summaries]),
+        'gradient_evaluations': summaries[0]['gradient_evaluations'],
+        'effective_epochs': summaries[0]['effective_epochs'],
+        'train_seconds': _mean_std([s['train_seconds'] for s in summaries]),
+        'load_average': float(np.mean([np.mean([s['load_average_start'][0],
+                                                s['load_average_end'][0]])
+                                       for s in summaries])),
+        'machine': _machine(members),
+    }
+    if all('reference/train_error' in s for s in summaries):
+      row['reference_train_error'] = _mean_std([s['reference/train_error'] for s in summaries])
+    rows.append(row)
+  return rows
+
+
+def time_to_accuracy(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
+  """Per group: training seconds and gradients until the reference first reaches `target`.
+
+  Measured at the evaluations logged during training; a seed that never gets
+  there is counted in ``reached`` only.
+  """
+  rows = []
+  for group, members in group_runs(runs).items():
+    seconds, gradients = [], []
+    for run in members:
+      hit = next((r for r in run.evaluations() if r['reference/test_error'] <= target), None)
+      if hit is not None:
+        seconds.append(hit['train_seconds'])
+        gradients.append(hit['gradient_evaluations'])
+    rows.append({'run': group, 'reached': f'{len(seconds)}/{len(members)}',
+                 'train_seconds': _mean_std(seconds) if seconds else None,
+                 'gradient_evaluations': _mean_std(gradients) if gradients else None})
+  return rows
+
+
+def baseline_error(runs: Sequence[Run], group: str = REFERENCE_BASELINE) -> Optional[float]:
+  """Mean final test error of `group` (SGD by default), or None if it has no runs."""
+  errors = [r.summary['reference/test_error'] for r in runs if r.group == group]
+  return float(np.mean(errors)) if errors else None
+
+
+def markdown(runs: Sequence[Run]) -> str:
+  """The accuracy and time-to-accuracy tables as Markdown."""
+  lines = ['| run | replicas | data per replica | seeds | reference test error % | '
+           'reference train error % | mean replica test error % | ensemble test error % | '
+           'mini-batch gradients | effective epochs | training s | load | machine |',
+           '|' + '---|' * 13]
+  for row in accuracy_table(runs):
+    train = _format(*row['reference_train_error']) if 'reference_train_error' in row else '-'
+    lines.append(
+        f"| {row['run']} | {row['replicas']} | {100 * row['data_fraction']:.0f}% | "
+        f"{row['seeds']} | {_format(*row['reference_test_error'])} | {train} | "
+        f"{_format(*row['replica_test_error'])} | {_format(*row['ensemble_test_error'])} | "
+        f"{row['gradient_evaluations']} | {row['effective_epochs']:.2f} | "
+        f"{_format(*row['train_seconds'], digits=0)} | {row['load_average']:.1f} | "
+        f"{row['machine']} |")
+  target = baseline_error(runs)
+  if target is not None:
+    lines += ['', f'Time to reach SGD\'s final test error ({target:.2f}%, mean over its seeds), '
+              'at the logged evaluations:', '',
+              '| run | seeds that reach it | training s | mini-batch gradients |',
+              '|---|---|---|---|']
+    for row in time_to_accuracy(runs, target):
+      seconds = '-' if row['train_seconds'] is None else _format(*row['train_seconds'], digits=0)
+      grads = ('-' if row['gradient_evaluations'] is None
+               else _format(*row['gradient_evaluations'], digits=0))
+      lines.append(f"| {row['run']} | {row['reached']} | {seconds} | {grads} |")
+  return '\n'.join(lines) + '\n'
+
+
+def _curves(members: Sequence[Run], x_key: str, y_key: str):
+  """x (mean over seeds) and y (mean, min, max over seeds) at the shared evaluations."""
+  evaluations = [run.evaluations() for run in members]
+  count = min(len(e) for e in evaluations)
+  x = np.mean([[r[x_key] for r in e[:count]] for e in evaluations], axis=0)
+  y = np.asarray([[r[y_key] for r in e[:count]] for e in evaluations], np.float64)
+  return x, y.mean(0), y.min(0), y.max(0)
+
+
+def plot(runs: Sequence[Run], out_dir: str) -> list[str]:
+  """Writes the results plots as PNG files; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  groups = group_runs(runs)
+  panels = [('train_seconds', 'reference/test_error', 'training time (s)',
+             'reference test error (%)', 'test_error_vs_time.png'),
+            ('effective_epochs', 'reference/test_error', 'effective epochs (passes per replica)',
+             'reference test error (%)', 'test_error_vs_effective_epochs.png'),
+            ('gradient_evaluations', 'reference/test_error', 'mini-batch gradients (all replicas)',
+             'reference test error (%)', 'test_error_vs_gradients.png'),
+            ('effective_epochs', 'distance/l2_mean', 'effective epochs (passes per replica)',
+             'mean L2 distance of a replica to the reference', 'replica_distance.png')]
+  paths = []
+  for x_key, y_key, x_label, y_label, file in panels:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for group, members in groups.items():
+      if y_key == 'distance/l2_mean' and members[0].summary['num_replicas'] == 1:
+        continue
+      x, mean, low, high = _curves(members, x_key, y_key)
+      line, = ax.plot(x, mean, marker='o', markersize=3, label=f'{group} ({len(members)})')
+      if len(members) > 1:
+        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title='run (seeds); band: min-max', title_fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, file)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def report(results_dir: str, suite: str) -> str:
+  """Writes tables.md and the plots of a suite; returns the Markdown."""
+  suite_dir = os.path.join(results_dir, suite)
+  runs = load_runs(suite_dir)
+  if not runs:
+    raise FileNotFoundError(f'no finished runs in {suite_dir}; run experiments.suite first.')
+  text = markdown(runs)
+  with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
+    f.write(text)
+  plot(runs, suite_dir)
+  return text
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  print(report(FLAGS.results_dir, FLAGS.suite))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

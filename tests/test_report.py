@@ -1,0 +1,136 @@
+"""experiments.report rebuilds tables and plots from a suite's raw files; experiments.suite's plumbing."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import optimizers, report, suite
+
+MACHINE = {'device_kind': 'cpu', 'cpu_count': 2, 'jax': '0.10.2', 'platform': 'cpu',
+           'device_count': 1, 'hostname': 'h', 'processor': 'x86_64'}
+
+
+def _write_run(directory, name, optimizer, n, final_error, curve, seconds):
+  """A finished run as experiments.suite leaves it; `curve` = test errors at rounds 1, 2, ..."""
+  path = os.path.join(directory, name)
+  os.makedirs(path)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump({'batch_size': 128, 'data_fraction': 1.0, 'optimizer': optimizer}, f)
+  with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
+    for i, (error, t) in enumerate(zip(curve, seconds)):
+      f.write(json.dumps({'round': i + 1, 'train/loss': 1.0}) + '\n')
+      f.write(json.dumps({'round': i + 1, 'reference/test_error': error,
+                          'distance/l2_mean': 1.0 + i, 'train_seconds': t,
+                          'effective_epochs': 0.1 * (i + 1),
+                          'gradient_evaluations': 10 * n * (i + 1)}) + '\n')
+  with open(os.path.join(path, 'summary.json'), 'w') as f:
+    json.dump({'optimizer': optimizer, 'num_replicas': n, 'reference/test_error': final_error,
+               'reference/train_error': final_error - 1, 'ensemble/test_error': final_error + 1,
+               'replica/test_error': [final_error + 2] * n, 'gradient_evaluations': 10 * n * 3,
+               'effective_epochs': 0.3, 'train_seconds': seconds[-1], 'machine': MACHINE,
+               'load_average_start': [1.0, 1, 1], 'load_average_end': [3.0, 1, 1]}, f)
+
+
+@pytest.fixture
+def suite_dir(tmp_path):
+  directory = tmp_path / 'suite'
+  _write_run(directory, 'sgd_n1_seed0', 'sgd', 1, 20.0, [40.0, 30.0, 20.0], [1.0, 2.0, 3.0])
+  _write_run(directory, 'sgd_n1_seed1', 'sgd', 1, 22.0, [41.0, 31.0, 22.0], [1.0, 2.0, 3.0])
+  _write_run(directory, 'parle_n3_seed0', 'parle', 3, 15.0, [35.0, 19.0, 15.0], [3.0, 6.0, 9.0])
+  _write_run(directory, 'parle_n3_seed1', 'parle', 3, 17.0, [30.0, 25.0, 17.0], [3.0, 7.0, 9.0])
+  os.makedirs(directory / 'unfinished_seed0')  # no summary.json: ignored
+  return str(directory)
+
+
+def test_accuracy_table_means_and_spreads_over_seeds(suite_dir):
+  rows = {row['run']: row for row in report.accuracy_table(report.load_runs(suite_dir))}
+  assert set(rows) == {'sgd_n1', 'parle_n3'}
+  parle = rows['parle_n3']
+  assert parle['seeds'] == 2 and parle['replicas'] == 3
+  assert parle['reference_test_error'] == pytest.approx((16.0, np.sqrt(2.0)))
+  assert parle['reference_train_error'] == pytest.approx((15.0, np.sqrt(2.0)))
+  assert parle['ensemble_test_error'][0] == pytest.approx(17.0)
+  assert parle['train_seconds'] == pytest.approx((9.0, 0.0))
+  assert parle['load_average'] == pytest.approx(2.0)
+  assert parle['machine'] == 'cpu (2 cores), jax 0.10.2'
+
+
+def test_time_to_accuracy_takes_the_first_evaluation_at_the_target(suite_dir):
+  runs = report.load_runs(suite_dir)
+  target = report.baseline_error(runs)
+  assert target == pytest.approx(21.0)
+  rows = {row['run']: row for row in report.time_to_accuracy(runs, target)}
+  # parle seed 0 reaches 19 <= 21 at its 2nd evaluation (6 s), seed 1 at its 3rd (9 s).
+  assert rows['parle_n3']['reached'] == '2/2'
+  assert rows['parle_n3']['train_seconds'][0] == pytest.approx(7.5)
+  assert rows['parle_n3']['gradient_evaluations'][0] == pytest.approx(75)
+  # sgd seed 0 ends at 20 (reached at 3 s); seed 1 ends at 22 and never gets there.
+  assert rows['sgd_n1']['reached'] == '1/2'
+  assert rows['sgd_n1']['train_seconds'][0] == pytest.approx(3.0)
+
+
+def test_report_writes_tables_and_plots(suite_dir):
+  text = report.report(os.path.dirname(suite_dir), os.path.basename(suite_dir))
+  assert '| parle_n3 | 3 | 100% | 2 | 16.00 ± 1.41 |' in text
+  assert "SGD's final test error (21.00%" in text
+  with open(os.path.join(suite_dir, 'tables.md')) as f:
+    assert f.read() == text
+  for name in ('test_error_vs_time', 'test_error_vs_effective_epochs',
+               'test_error_vs_gradients', 'replica_distance'):
+    with open(os.path.join(suite_dir, f'{name}.png'), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_report_without_runs_says_what_to_do(tmp_path):
+  with pytest.raises(FileNotFoundError, match='run experiments.suite first'):
+    report.report(str(tmp_path), 'nothing_here')
+
+
+def test_cpu_suite_runs_the_same_rounds_with_compressed_schedules():
+  runs = dict(suite._lenet_cpu_runs([0]))
+  assert sorted(runs) == sorted([
+      'parle_n3_seed0', 'entropy_sgd_n1_seed0', 'elastic_sgd_n3_seed0', 'sgd_n1_seed0',
+      'data_parallel_sgd_n3_seed0', 'parle_n3_data50_seed0', 'parle_n6_data25_seed0'])
+  for name, config in runs.items():
+    plan = optimizers.make_plan(config, suite.FASHION_MNIST_TRAIN, jax.device_count())
+    assert plan.total_rounds == suite.ROUNDS, name
+    assert plan.steps_per_round == 25 and plan.batch_size == 128, name
+    # The learning rate drops at half and three quarters of the run.
+    drops = [round(e * plan.rounds_per_epoch) for e in config.lr_drop_epochs]
+    assert drops == [suite.ROUNDS // 2, 3 * suite.ROUNDS // 4], name
+  # Parle's coefficients grow over the run about as over the paper's 5 epochs (e^2.5 = 12.2).
+  assert (1 + 0.5 / runs['parle_n3_seed0'].scoping_batches_per_epoch) ** suite.ROUNDS == (
+      pytest.approx(14.55, abs=0.01))
+  assert runs['elastic_sgd_n3_seed0'].scoping_batches_per_epoch == 25 * 2
+
+
+def test_run_suite_keeps_raw_files_and_skips_finished_runs(tmp_path, monkeypatch):
+  trained = []
+
+  def fake_train(config, workdir):
+    trained.append(config.seed)
+    os.makedirs(workdir, exist_ok=True)
+    for file in ('config.json', 'metrics.jsonl'):
+      with open(os.path.join(workdir, file), 'w') as f:
+        f.write(f'{file} of seed {config.seed}\n')
+    return {'reference/test_error': 12.5, 'sgd_baselines': {'dropped': True}}
+
+  monkeypatch.setattr(suite.train, 'train_and_evaluate', fake_train)
+  runs_dir, results_dir = str(tmp_path / 'runs'), str(tmp_path / 'results')
+  names = suite.run_suite('fashion_mnist_lenet_cpu', runs_dir, results_dir, [0, 1],
+                          only=['sgd_n1'])
+  assert names == ['sgd_n1_seed0', 'sgd_n1_seed1'] and trained == [0, 1]
+  kept = os.path.join(results_dir, 'fashion_mnist_lenet_cpu', 'sgd_n1_seed1')
+  with open(os.path.join(kept, 'metrics.jsonl')) as f:
+    assert f.read() == 'metrics.jsonl of seed 1\n'
+  with open(os.path.join(kept, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['reference/test_error'] == 12.5 and 'sgd_baselines' not in summary
+  assert summary['machine']['platform'] == 'cpu'
+  assert suite.run_suite('fashion_mnist_lenet_cpu', runs_dir, results_dir, [0, 1],
+                         only=['sgd_n1']) == []  # finished: skipped
+  with pytest.raises(ValueError, match="--suite='nope' is unknown"):
+    suite.run_suite('nope', runs_dir, results_dir, [0])
