@@ -44,6 +44,8 @@ from absl import app, flags
 from jax import lax
 
 import parle_jax
+from experiments import optimizers as experiment_optimizers
+from experiments.configs import base
 from parle_jax import models, training
 
 MODELS = {  # name -> (create_model args, kwargs, image shape; None: --wrn_image_shape)
@@ -61,6 +63,10 @@ flags.DEFINE_list('replicas', ['3'], 'Replica counts n to put on one device, e.g
 flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median reported).')
 flags.DEFINE_list('wrn_image_shape', ['28', '28', '1'], 'WRN input H,W,C (32,32,3 for CIFAR).')
 flags.DEFINE_integer('dataset_size', 2048, 'Random examples kept on the device.')
+flags.DEFINE_list('optimizers', list(base.OPTIMIZERS),
+                  'Optimizers whose training rounds to time (images/s); empty: none.')
+flags.DEFINE_integer('optimizer_replicas', 3,
+                     'n for parle, elastic_sgd and data_parallel_sgd in the images/s table.')
 flags.DEFINE_string('json_out', None, 'Optional path for all measurements as JSON.')
 FLAGS = flags.FLAGS
 
@@ -143,8 +149,43 @@ def time_calls(fn: Callable, state: Any, repeats: int) -> tuple[dict[str, Any], 
           'median_s': statistics.median(times)}, state
 
 
+def time_optimizer(optimizer: str, *, loss_fn, variables, host_data, L: int, batch: int,
+                   num_replicas: int, repeats: int, device) -> dict[str, Any]:
+  """One training round of `optimizer` exactly as ``experiments.train`` builds it.
+
+  Uses :mod:`experiments.optimizers` (plan, per-step transform, coupling) and
+  :func:`parle_jax.make_round` on one device. ``sgd`` and ``entropy_sgd``
+  train one model; the others `num_replicas` (data-parallel SGD: a global batch
+  of ``num_replicas * batch``, ``batch`` per worker). Images/s counts every
+  example whose gradient is computed.
+  """
+  config = base.get_config()
+  config.optimizer, config.L = optimizer, L
+  n = 1 if optimizer in ('sgd', 'entropy_sgd') else num_replicas
+  config.num_replicas = n
+  config.batch_size = batch * n if optimizer == 'data_parallel_sgd' else batch
+  plan = experiment_optimizers.make_plan(config, len(host_data['label']), 1)
+  replicas = parle_jax.Replicas(n, devices=[device], mapping=plan.mapping)
+  tx, couple = experiment_optimizers.make_optimizer(config, plan, replicas.axis_name)
+  first = 1 if plan.same_init else n
+  params, model_state = jax.tree.map(lambda x: np.repeat(x[:first], n // first, axis=0),
+                                     variables)
+  state = parle_jax.init_replicas(replicas, tx, params, model_state)
+  round_fn = parle_jax.make_round(loss_fn, tx, replicas, L=L, couple=couple,
+                                  batch_fn=make_batch_fn(plan.batch_size))
+  data = replicas.broadcast(host_data)
+  round_fn.warm_up(state, data)  # compiles; 'auto' chooses its mapping
+  timing, _ = time_calls(lambda s: round_fn(s, data)[0], state, repeats)
+  images = n * plan.batch_size * L
+  return dict(timing, replicas=n, batch_per_replica=plan.batch_size, mapping=round_fn.mapping,
+              images_per_second=images / timing['median_s'],
+              ms_per_step=1000 * timing['median_s'] / L)
+
+
 def benchmark_model(name: str, *, L: int, batch: int, replicas: Sequence[int], repeats: int,
-                    wrn_image_shape: Sequence[int], dataset_size: int) -> dict[str, Any]:
+                    wrn_image_shape: Sequence[int], dataset_size: int,
+                    optimizers: Sequence[str] = (), optimizer_replicas: int = 3
+                    ) -> dict[str, Any]:
   """All measurements of one model; ms are per (round-)step of all replicas together."""
   args, kwargs, image_shape = MODELS[name]
   image_shape = tuple(image_shape or wrn_image_shape)
@@ -193,6 +234,11 @@ def benchmark_model(name: str, *, L: int, batch: int, replicas: Sequence[int], r
                             vs_n1=ms(timing) / result['parle_n1']['ms_per_step'])
     result['replicas'][str(n)] = per_n
   result['ratios'] = ratios(result)
+  result['optimizers'] = {
+      optimizer: time_optimizer(optimizer, loss_fn=loss_fn, variables=variables,
+                                host_data=host_data, L=L, batch=batch,
+                                num_replicas=optimizer_replicas, repeats=repeats, device=device)
+      for optimizer in optimizers}
   return result
 
 
@@ -221,6 +267,11 @@ def run(model_names: Sequence[str], **settings) -> dict[str, Any]:
       raise ValueError(f'`{key}` must be >= 1, got {settings[key]}.')
   if not settings['replicas'] or min(settings['replicas']) < 1:
     raise ValueError(f"`replicas` must be counts >= 1, got {settings['replicas']}.")
+  unknown = [o for o in settings.get('optimizers', ()) if o not in base.OPTIMIZERS]
+  if unknown:
+    raise ValueError(f'unknown optimizers {unknown}; expected some of {list(base.OPTIMIZERS)}')
+  if settings.get('optimizer_replicas', 1) < 1:
+    raise ValueError(f"`optimizer_replicas` must be >= 1, got {settings['optimizer_replicas']}.")
   return {'machine': machine(),
           'settings': {k: list(v) if isinstance(v, (list, tuple)) else v
                        for k, v in settings.items()},
@@ -257,6 +308,18 @@ def format_report(results: dict[str, Any]) -> str:
         lines.append(row.format(name, f'parle n={n}', mapping, t['ms_per_step'],
                                 f"{t['vs_n1']:.2f}", images(int(n), t), t['first_call_s'],
                                 picks if i == 0 else ''))
+  if any(r.get('optimizers') for r in results['models'].values()):
+    lines += ['', f"Training rounds of each optimizer as experiments.train runs them, one "
+              f"device, batch {s['batch']} per replica/worker:",
+              f"{'model':<9} {'optimizer':<18} {'n':>3} {'mapping':<11} {'ms/step':>9} "
+              f"{'img/s':>9} {'img/s / sgd':>11}"]
+    for name, r in results['models'].items():
+      timings = r.get('optimizers', {})
+      sgd_rate = timings.get('sgd', {}).get('images_per_second')
+      for optimizer, t in timings.items():
+        relative = f"{t['images_per_second'] / sgd_rate:.2f}" if sgd_rate else '-'
+        lines.append(f"{name:<9} {optimizer:<18} {t['replicas']:>3} {t['mapping']:<11} "
+                     f"{t['ms_per_step']:>9.2f} {t['images_per_second']:>9.1f} {relative:>11}")
   m = results['machine']
   lines += ['', f"Ratios on {m['device_kind']} (platform {m['platform']}, "
             f"{m['cpu_count']} CPUs, jax {m['jax_version']}):"]
@@ -279,7 +342,8 @@ def main(argv):
   results = run(FLAGS.models, L=FLAGS.L, batch=FLAGS.batch,
                 replicas=[int(n) for n in FLAGS.replicas], repeats=FLAGS.repeats,
                 wrn_image_shape=[int(d) for d in FLAGS.wrn_image_shape],
-                dataset_size=FLAGS.dataset_size)
+                dataset_size=FLAGS.dataset_size, optimizers=FLAGS.optimizers,
+                optimizer_replicas=FLAGS.optimizer_replicas)
   print(format_report(results))
   if FLAGS.json_out:
     with open(FLAGS.json_out, 'w') as f:

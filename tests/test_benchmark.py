@@ -15,6 +15,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from experiments import benchmark
+from experiments.configs import base
 
 L, BATCH, N = 2, 8, 2
 
@@ -34,7 +35,8 @@ def report(tmp_path_factory):
   out = io.StringIO()
   with pytest.MonkeyPatch.context() as patch, jax.default_prng_impl('rbg'), \
        flagsaver.flagsaver(models=['lenet'], L=L, batch=BATCH, replicas=[str(N)], repeats=1,
-                           dataset_size=64, json_out=str(path)), \
+                           dataset_size=64, json_out=str(path),
+                           optimizers=list(base.OPTIMIZERS), optimizer_replicas=N), \
        contextlib.redirect_stdout(out):
     patch.setitem(benchmark.MODELS, 'lenet', (('lenet', 10), {'dropout': 0.0}, (28, 28, 1)))
     benchmark.main([])
@@ -102,6 +104,27 @@ def test_printed_report_names_machine_and_targets(report):
   assert any(line.startswith('  lenet     auto picked') for line in text.splitlines())
 
 
+def test_every_optimizer_round_is_timed_as_training_builds_it(report):
+  text, results = report
+  timed = results['models']['lenet']['optimizers']
+  assert list(timed) == list(base.OPTIMIZERS)
+  expected = {'parle': (N, BATCH), 'entropy_sgd': (1, BATCH), 'elastic_sgd': (N, BATCH),
+              'sgd': (1, BATCH), 'data_parallel_sgd': (N, BATCH)}  # batch per replica/worker
+  for optimizer, (replicas, batch) in expected.items():
+    t = timed[optimizer]
+    assert (t['replicas'], t['batch_per_replica']) == (replicas, batch), optimizer
+    assert t['images_per_second'] == pytest.approx(replicas * batch * L / t['median_s'])
+    assert t['ms_per_step'] == pytest.approx(1000 * t['median_s'] / L)
+    assert t['mapping'] in benchmark.MAPPINGS, optimizer
+  # Per-step collectives need 'vmap' for local replicas.
+  assert timed['elastic_sgd']['mapping'] == timed['data_parallel_sgd']['mapping'] == 'vmap'
+  rows = [line.split() for line in text.splitlines() if line.startswith('lenet ')]
+  sgd_row = next(r for r in rows if r[1] == 'sgd')
+  assert sgd_row[-1] == '1.00'
+  for optimizer in base.OPTIMIZERS:
+    assert any(r[1] == optimizer for r in rows), optimizer
+
+
 def test_verdict_and_ratios_on_made_up_numbers():
   assert benchmark.verdict(1.10, 1.10).endswith('PASS')
   assert benchmark.verdict(1.11, 1.10).endswith('MISS')
@@ -120,6 +143,8 @@ def test_verdict_and_ratios_on_made_up_numbers():
     (['resnet50'], {}, 'unknown models'),
     (['lenet'], {'repeats': 0}, '`repeats`'),
     (['lenet'], {'replicas': [3, 0]}, '`replicas`'),
+    (['lenet'], {'optimizers': ['adam']}, 'unknown optimizers'),
+    (['lenet'], {'optimizer_replicas': 0}, '`optimizer_replicas`'),
 ])
 def test_bad_settings_are_rejected_before_any_work(models, change, match):
   settings = dict(L=1, batch=1, replicas=[1], repeats=1, wrn_image_shape=[28, 28, 1],
