@@ -185,23 +185,25 @@ def _curves(members: Sequence[Run], x_key: str, y_key: str):
   return x, y.mean(0), y.min(0), y.max(0)
 
 
-def plot(runs: Sequence[Run], out_dir: str) -> list[str]:
-  """Writes the results plots as PNG files; returns their paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
+PANELS = (  # (x key, y key, x label, y label, file name)
+    ('train_seconds', 'reference/test_error', 'training time (s)', 'reference test error (%)',
+     'test_error_vs_time.png'),
+    ('effective_epochs', 'reference/test_error', 'effective epochs (passes per replica)',
+     'reference test error (%)', 'test_error_vs_effective_epochs.png'),
+    ('gradient_evaluations', 'reference/test_error', 'mini-batch gradients (all replicas)',
+     'reference test error (%)', 'test_error_vs_gradients.png'),
+    ('effective_epochs', 'distance/l2_mean', 'effective epochs (passes per replica)',
+     'mean L2 distance of a replica to the reference', 'replica_distance.png'),
+)
+
+
+def figures(runs: Sequence[Run]) -> dict[str, Any]:
+  """The results plots as matplotlib figures, keyed by their PNG file name."""
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   groups = group_runs(runs)
-  panels = [('train_seconds', 'reference/test_error', 'training time (s)',
-             'reference test error (%)', 'test_error_vs_time.png'),
-            ('effective_epochs', 'reference/test_error', 'effective epochs (passes per replica)',
-             'reference test error (%)', 'test_error_vs_effective_epochs.png'),
-            ('gradient_evaluations', 'reference/test_error', 'mini-batch gradients (all replicas)',
-             'reference test error (%)', 'test_error_vs_gradients.png'),
-            ('effective_epochs', 'distance/l2_mean', 'effective epochs (passes per replica)',
-             'mean L2 distance of a replica to the reference', 'replica_distance.png')]
-  paths = []
-  for x_key, y_key, x_label, y_label, file in panels:
+  out = {}
+  for x_key, y_key, x_label, y_label, file in PANELS:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for group, members in groups.items():
       if y_key == 'distance/l2_mean' and members[0].summary['num_replicas'] == 1:
@@ -215,6 +217,18 @@ def plot(runs: Sequence[Run], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, title='run (seeds); band: min-max', title_fontsize=7)
     fig.tight_layout()
+    out[file] = fig
+  return out
+
+
+def plot(runs: Sequence[Run], out_dir: str) -> list[str]:
+  """Writes the results plots as PNG files; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  paths = []
+  for file, fig in figures(runs).items():
     path = os.path.join(out_dir, file)
     fig.savefig(path, dpi=110)
     plt.close(fig)
