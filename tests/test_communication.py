@@ -42,6 +42,8 @@ def test_ring_allreduce_and_network_model():
   assert row['dp_sgd_epoch_s'] == pytest.approx(25 * 1.706)  # 1000 / (4 * 10) steps
   assert row['parle_epoch_s'] == pytest.approx(100 * (0.5 + 1.206 / 4))
   assert row['step_speedup'] == pytest.approx(1.706 / (0.5 + 1.206 / 4))
+  assert row['dp_sgd_budget_s'] == pytest.approx(200 * 25 * 1.706)
+  assert row['parle_budget_s'] == pytest.approx(125 * 100 * (0.5 + 1.206 / 4))
 
 
 def test_count_allreduces_parses_loops_and_payloads():
