@@ -267,6 +267,21 @@ def test_reference_metrics_and_distances_match_numpy(setup):
   assert abs(metrics_numpy(own, test['label'])[1] - loss) > 1e-3
 
 
+def test_reference_train_error_uses_the_same_reference(setup):
+  """On another split, the reference is the same model: the numbers follow the split only."""
+  train = random_split(130, seed=7)
+  results = evaluate.evaluate(TINY, REPLICAS[(3, 'vmap')], setup['state'], setup['test'],
+                              mean=MEAN, std=STD, bn_batches=setup['bn_batches'],
+                              batch_size=100, train_arrays=train)
+  on_train = evaluate.evaluate(TINY, REPLICAS[(3, 'vmap')], setup['state'], train,
+                               mean=MEAN, std=STD, bn_batches=setup['bn_batches'],
+                               batch_size=100)
+  assert results['reference/test_error'] == setup['results']['reference/test_error']
+  assert results['reference/train_error'] == pytest.approx(on_train['reference/test_error'])
+  assert results['reference/train_loss'] == pytest.approx(on_train['reference/test_loss'])
+  assert 'reference/train_error' not in setup['results']
+
+
 @pytest.mark.parametrize('layout', [(1, 'vmap'), (1, 'sequential')])
 def test_layouts_and_mappings_agree(setup, layout):
   replicas = REPLICAS[layout]

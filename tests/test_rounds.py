@@ -186,6 +186,26 @@ def test_auto_mapping_times_both_and_matches(problem):
                                  expected) < TOLERANCE
 
 
+@pytest.mark.parametrize('mapping', ['auto', 'sequential'])
+def test_warm_up_compiles_without_touching_the_state(problem, mapping):
+  x0, inputs, targets = problem
+  replicas = parle_jax.Replicas(N, devices=jax.devices()[:1], mapping=mapping)
+  parts = parle_jax.parle_parts(weight_decay=WEIGHT_DECAY, L=L, axis_name=replicas.axis_name,
+                                **SETTINGS['constant']['jax'])
+  round_fn = parle_jax.parle_round(problems.loss_fn, parts, replicas)
+  state = parle_jax.init_replicas(replicas, parts.inner, problems.to_params(x0))
+  batches = problems.to_batches(inputs, targets, slice(0, L))
+  seconds = round_fn.warm_up(state, batches)
+  assert seconds > 0
+  assert round_fn.mapping in ('vmap', 'sequential')
+  assert (set(round_fn.timings) == {'vmap', 'sequential'}) == (mapping == 'auto')
+  np.testing.assert_array_equal(replicas.unshard(state.step), [0] * N)  # not donated, not run
+  state, _ = round_fn(state, batches)
+  expected = numpy_history('constant', x0, inputs, targets)[0]['params']
+  assert problems.relative_error(problems.from_params(replicas.unshard(state.params)),
+                                 expected) < TOLERANCE
+
+
 # --- communication, read off the compiled programs ----------------------------
 def _computations(hlo_text):
   """Maps computation name -> body text of an HLO module."""
