@@ -134,3 +134,14 @@ def test_run_suite_keeps_raw_files_and_skips_finished_runs(tmp_path, monkeypatch
                          only=['sgd_n1']) == []  # finished: skipped
   with pytest.raises(ValueError, match="--suite='nope' is unknown"):
     suite.run_suite('nope', runs_dir, results_dir, [0])
+
+
+def test_gpu_suite_has_the_papers_budgets():
+  from experiments.configs import base
+  runs = dict(suite._gpu_runs([0]))
+  assert len(runs) == 2 * 5
+  for name, config in runs.items():
+    base.validate(config)
+    plan = optimizers.make_plan(config, suite.FASHION_MNIST_TRAIN, 1)
+    # 5 Parle epochs = 125 effective epochs; the SGD-type optimizers get 125 epochs.
+    assert plan.effective_epochs(plan.total_rounds) == pytest.approx(125, rel=0.01), name
