@@ -29,6 +29,7 @@ def define_flags() -> None:
   flags.DEFINE_string('suite', 'fashion_mnist_lenet_cpu', 'Which suite to report.')
 
 _SEED = re.compile(r'_seed(\d+)$')
+GROUP_ORDER = ('parle_n3', 'entropy_sgd_n1', 'elastic_sgd_n3', 'sgd_n1', 'data_parallel_sgd_n3')
 REFERENCE_BASELINE = 'sgd_n1'  # time to accuracy: to reach this group's final test error
 
 
@@ -72,10 +73,13 @@ def load_runs(suite_dir: str) -> list[Run]:
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
+  """Runs by group, in the order of :data:`GROUP_ORDER`, then by name."""
   groups: dict[str, list[Run]] = {}
   for run in runs:
     groups.setdefault(run.group, []).append(run)
-  return groups
+  rank = lambda group: (GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER),
+                        group)
+  return {group: groups[group] for group in sorted(groups, key=rank)}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
