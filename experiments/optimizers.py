@@ -180,12 +180,24 @@ def make_optimizer(config, plan: Plan, axis_name
 
 
 def select_devices(plan: Plan) -> list:
-  """All devices, or the first `num_replicas` when there are fewer replicas."""
+  """The devices the replicas run on: all of them, or fewer when there are fewer replicas.
+
+  With several processes, every process must hold replicas: fewer replicas
+  than devices take the same number of devices from each process.
+  """
   devices = jax.devices()
-  if plan.num_replicas < len(devices):
-    return devices[:plan.num_replicas]
-  if plan.num_replicas % len(devices):
+  n, processes = plan.num_replicas, jax.process_count()
+  if n < len(devices):
+    if n % processes:
+      raise ValueError(
+          f'config.num_replicas={n} is invalid with {processes} processes of '
+          f'{len(devices)} devices: every process must hold the same number of replicas; '
+          f'use a multiple of {processes} (or of {len(devices)}).')
+    per_process = n // processes
+    return [d for p in range(processes)
+            for d in [d for d in devices if d.process_index == p][:per_process]]
+  if n % len(devices):
     raise ValueError(
-        f'config.num_replicas={plan.num_replicas} must be a multiple of the '
+        f'config.num_replicas={n} is invalid: it must be a multiple of the '
         f'{len(devices)} devices (or at most their number).')
   return devices

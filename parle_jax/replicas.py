@@ -129,6 +129,28 @@ class Replicas:
       return self._put(np.broadcast_to(x, (len(self.local_devices),) + x.shape))
     return jax.tree.map(put, tree)
 
+  def to_global(self, tree: Any) -> Any:
+    """Device-axis arrays as global ``[D, ...]`` arrays spanning all processes.
+
+    With several processes, ``pmap`` returns host-local arrays
+    ``[D_local, ...]`` (its classic semantics); what needs the global view
+    (orbax checkpoints) gets it from here, without copying. Global arrays, and
+    everything when there is one process, are returned as they are.
+    """
+    if jax.process_count() == 1:
+      return tree
+
+    def to_global(x):
+      if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return x
+      if x.ndim == 0 or x.shape[0] != len(self.local_devices):
+        raise ValueError(f'expected a leading device axis of {len(self.local_devices)} '
+                         f'(this process\'s devices), got an array of shape {x.shape}.')
+      return jax.make_array_from_single_device_arrays(
+          (self.num_devices,) + x.shape[1:], self._device_sharding,
+          [shard.data for shard in x.addressable_shards])
+    return jax.tree.map(to_global, tree)
+
   def unshard(self, tree: Any) -> Any:
     """``[D, R, ...]`` device arrays -> ``[n_local, ...]`` NumPy arrays."""
     def get(x):

@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 from jax import lax
@@ -224,6 +225,10 @@ class RoundFn:
         trial = fn(trial, data)[0]
       jax.block_until_ready(trial)
       self.timings[candidate] = (time.perf_counter() - start) / repeats
+    if jax.process_count() > 1:  # every process must run the same program: process 0's timings
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      agreed = multihost_utils.broadcast_one_to_all(np.asarray(list(self.timings.values())))
+      self.timings = dict(zip(self.timings, (float(t) for t in np.asarray(agreed))))
     self.mapping = min(self.timings, key=self.timings.get)
     logging.info('round mapping: %s (seconds per round %s)', self.mapping, self.timings)
 
