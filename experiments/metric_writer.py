@@ -38,6 +38,11 @@ class MetricWriter:
     with open(self.path, 'w') as f:
       f.writelines(kept)
 
+  def rewind(self, round_index: int) -> None:
+    """Forgets the records after `round_index` (training went back to that round)."""
+    if self.enabled:
+      self._drop_records_after(round_index)
+
   def write(self, round_index: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
       return

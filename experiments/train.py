@@ -7,7 +7,18 @@
 The workdir receives ``config.json``, ``metrics.jsonl``, TensorBoard events
 (``tensorboard/``), orbax checkpoints (``checkpoints/``) and the reference model
 (``reference/``). Running again with the same workdir resumes from the newest
-checkpoint and ends with the same numbers as an uninterrupted run.
+checkpoint and ends with the same numbers as an uninterrupted run; a workdir
+holding a run of another config is refused unless ``--overwrite`` is given.
+
+Several processes (hosts) run one job with ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (see :mod:`experiments.distributed`).
+
+Exit status: 0 done; 1 an error (bad config or data, ...);
+3 (``faults.EXIT_DIVERGED``) a NaN/Inf in a replica's loss or params, the last
+good checkpoint kept; 75 (``faults.EXIT_INTERRUPTED``) SIGTERM/SIGINT, a
+checkpoint saved at the end of the round, run again to resume; 69
+(``distributed.EXIT_PEER_LOST``) a collective failed because another process
+died (JAX may instead abort the process, status 134, when its heartbeats stop).
 """
 
 from __future__ import annotations
@@ -16,8 +27,9 @@ import copy
 import json
 import logging as std_logging
 import os
+import signal
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -27,17 +39,20 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import parle_jax
-from experiments import metric_writer, optimizers
+from experiments import distributed, faults, metric_writer, optimizers
 from experiments.configs import base
 from parle_jax import checkpoint, data, evaluate, models, training
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and the model.')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
+_OVERWRITE = flags.DEFINE_bool(
+    'overwrite', False, 'Delete the outputs of a previous run in --workdir and start afresh '
+    '(without it, a workdir holding a run of another config is refused).')
 
-
-class DivergenceError(FloatingPointError):
-  """Training produced a NaN or Inf; the last good checkpoint is kept."""
+DivergenceError = faults.DivergenceError
+TrainingInterrupted = faults.TrainingInterrupted
+ConfigMismatchError = faults.ConfigMismatchError
 
 
 def data_dir(config) -> str:
@@ -52,8 +67,9 @@ class Experiment:
     base.validate(config)
     self.config = config
     self.info = data.dataset_info(config.dataset)
-    self.train_arrays = data.load(config.dataset, self.info.train_split, data_dir(config))
-    self.test_arrays = data.load(config.dataset, self.info.test_split, data_dir(config))
+    self.train_arrays, self.test_arrays = distributed.primary_first(  # prepares data once
+        lambda: [data.load(config.dataset, split, data_dir(config))
+                 for split in (self.info.train_split, self.info.test_split)], 'data')
     self.mean, self.std = data.channel_stats(self.train_arrays['image'])
     num_train = len(self.train_arrays['label'])
     self.plan = optimizers.make_plan(config, num_train, jax.device_count())
@@ -62,21 +78,39 @@ class Experiment:
                                        mapping=self.plan.mapping)
     self.model = models.create_model(config.model, self.info.num_classes,
                                      **config.model_kwargs.to_dict())
-    self.tx, couple = optimizers.make_optimizer(config, self.plan, self.replicas.axis_name)
+    if config.compare_to_sgd and jax.process_count() > 1:
+      raise ValueError(
+          f'config.compare_to_sgd=True is invalid with {jax.process_count()} processes: '
+          'SGD trains one model on one device; run the SGD baselines on their own.')
     subsets = None
     if config.data_fraction < 1 and self.plan.optimizer != 'data_parallel_sgd':
       subsets = data.make_subsets(num_train, self.plan.num_replicas, config.data_fraction,
                                   config.seed)
     self.device_data = self.replicas.broadcast(
         data.device_data(self.train_arrays, self.mean, self.std, subsets))
-    self.round_fn = parle_jax.make_round(
-        training.classification_loss(self.model), self.tx, self.replicas,
-        L=self.plan.steps_per_round, couple=couple,
-        batch_fn=data.make_batch_fn(self.plan.batch_size, augment=config.augment))
+    self.learning_rate_scale = 1.0
+    self.tx, self.round_fn = self._build_round(config)
     bn_count = config.bn_recompute_batches * self.plan.batch_size
     chosen = np.random.default_rng(config.seed).permutation(num_train)[:bn_count]
     self.bn_batches = data.normalize(self.train_arrays['image'][chosen], self.mean, self.std
                                      ).reshape((-1, self.plan.batch_size) + self.info.image_shape)
+
+  def _build_round(self, config, mapping=None):
+    tx, couple = optimizers.make_optimizer(config, self.plan, self.replicas.axis_name)
+    round_fn = parle_jax.make_round(
+        training.classification_loss(self.model), tx, self.replicas,
+        L=self.plan.steps_per_round, couple=couple, mapping=mapping,
+        batch_fn=data.make_batch_fn(self.plan.batch_size, augment=config.augment))
+    return tx, round_fn
+
+  def scale_learning_rates(self, scale: float) -> None:
+    """Rebuilds the round with config.learning_rate and inner_learning_rate times `scale`."""
+    config = copy.deepcopy(self.config)
+    config.learning_rate *= scale
+    config.inner_learning_rate *= scale
+    mapping = None if self.round_fn.mapping == 'auto' else self.round_fn.mapping
+    self.tx, self.round_fn = self._build_round(config, mapping)
+    self.learning_rate_scale = scale
 
   def init_state(self) -> parle_jax.ReplicaState:
     params, model_state = training.init_replica_variables(
@@ -110,12 +144,6 @@ class Experiment:
     return jax.device_get(variables)
 
 
-def _first_non_finite(losses: np.ndarray, replica_ids: np.ndarray):
-  """(replica, step in round) of the first NaN/Inf loss, or None."""
-  bad = np.argwhere(~np.isfinite(losses.reshape(len(replica_ids), -1)))
-  return None if not len(bad) else (int(replica_ids[bad[0][0]]), int(bad[0][1]))
-
-
 def _round_summary(plan, rounds_done, losses, errors, images_per_second) -> dict[str, Any]:
   return {
       'epoch': plan.epochs(rounds_done),
@@ -126,99 +154,189 @@ def _round_summary(plan, rounds_done, losses, errors, images_per_second) -> dict
   }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def _restore(experiment: Experiment, checkpointer: checkpoint.Checkpointer,
+             round_index: Optional[int] = -1):
+  """(state, record) of a checkpoint (-1: the newest), or the initial state and round 0."""
+  state = experiment.replicas.to_global(experiment.init_state())  # what orbax restores into
+  if round_index == -1:
+    round_index = checkpointer.latest_round()
+  if round_index is None:
+    return state, {'round': 0}
+  return checkpointer.restore(state, round_index)
+
+
+def _last_good_round(checkpointer: checkpoint.Checkpointer, report: faults.RoundReport,
+                     diverged_round: int) -> Optional[int]:
+  """The newest checkpoint before `diverged_round` that is not known to be bad.
+
+  A checkpoint right before the round whose very first loss is NaN/Inf holds
+  params that give that loss (finite, but blown up): going back to it would
+  diverge again at once, whatever the learning rates, so it is skipped.
+  """
+  poisoned = diverged_round - 1 if (report.bad_loss_step == 0).any() else None
+  rounds = [r for r in checkpointer.rounds() if r < diverged_round and r != poisoned]
+  return rounds[-1] if rounds else None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       overwrite: bool = False) -> dict[str, Any]:
   """Trains as `config` says, evaluating and checkpointing in `workdir`.
+
+  With several processes (:mod:`experiments.distributed`), every process calls
+  this; process 0 writes the files other than checkpoints.
 
   Returns the last evaluation (test error of the reference model and of each
   replica and their ensemble, distances, train error) with the budget spent.
-  """
-  experiment = Experiment(config)
-  plan, replicas = experiment.plan, experiment.replicas
-  os.makedirs(workdir, exist_ok=True)
-  config_json = config.to_json_best_effort(sort_keys=True)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         max_to_keep=config.keep_checkpoints)
-  state = experiment.init_state()
-  start_round, train_seconds = 0, 0.0
-  if checkpointer.latest_round() is not None:
-    state, record = checkpointer.restore(state)
-    start_round, train_seconds = record['round'], record.get('train_seconds', 0.0)
-    logging.info('Resumed from the checkpoint after round %d in %s', start_round, workdir)
-  elif jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_json)
-  writer = metric_writer.MetricWriter(workdir, resume_round=start_round)
-  logging.info('%s on %s: %s', plan.optimizer, replicas, plan)
 
-  eval_every = config.eval_every_rounds or max(1, round(plan.rounds_per_epoch))
-  samples_per_round = plan.steps_per_round * plan.batch_size * plan.num_replicas
-  bar = tqdm.tqdm(total=plan.total_rounds, initial=start_round, unit='round',
-                  disable=not config.progress_bar or jax.process_index() != 0,
-                  dynamic_ncols=True)
-  if start_round < plan.total_rounds:  # compile (and time the mappings) outside the clock
-    warm_up_seconds = experiment.round_fn.warm_up(state, experiment.device_data)
-    logging.info('compiled the round in %.1f s; mapping %s', warm_up_seconds,
-                 experiment.round_fn.mapping)
-  window_losses, window_errors, window_start = [], [], time.perf_counter()
-  last_checkpoint, results = checkpointer.latest_round(), {}
-  for rounds_done in range(start_round + 1, plan.total_rounds + 1):
-    round_start = time.perf_counter()
-    state, metrics = experiment.round_fn(state, experiment.device_data)
-    losses = replicas.unshard(metrics['loss'])  # [n_local, L]; waits for the round
-    train_seconds += time.perf_counter() - round_start
-    bad = _first_non_finite(losses, replicas.local_replica_ids)
-    if bad is not None:
-      bar.close()
-      raise DivergenceError(
-          f'the loss became non-finite in round {rounds_done} (step {bad[1]} of the round) '
-          f'on replica {bad[0]}; stopping. The last good checkpoint '
-          f'(after round {last_checkpoint}) in {checkpointer.directory} is kept; '
-          'lower config.learning_rate / config.inner_learning_rate and run again.')
-    window_losses.append(losses)
-    window_errors.append(replicas.unshard(metrics['error']))
-    bar.update(1)
-    final = rounds_done == plan.total_rounds
-    if rounds_done % config.log_every_rounds == 0 or final:
-      elapsed = time.perf_counter() - window_start
-      summary = _round_summary(plan, rounds_done, window_losses, window_errors,
-                               len(window_losses) * samples_per_round / elapsed)
-      summary['train_seconds'] = train_seconds
-      writer.write(rounds_done, summary)
-      bar.set_postfix(epoch=f"{summary['epoch']:.2f}", loss=f"{summary['train/loss']:.3f}",
-                      img_s=f"{summary['images_per_second']:.0f}")
-      window_losses, window_errors, window_start = [], [], time.perf_counter()
-    if rounds_done % eval_every == 0 or final:
-      results = experiment.evaluate(state)
-      writer.write(rounds_done, dict(results, epoch=plan.epochs(rounds_done),
-                                     effective_epochs=plan.effective_epochs(rounds_done),
-                                     gradient_evaluations=plan.gradient_evaluations(rounds_done),
-                                     train_seconds=train_seconds))
-      bar.write(f"round {rounds_done} (epoch {plan.epochs(rounds_done):.2f}): reference "
-                f"test error {results['reference/test_error']:.2f}%, replicas "
-                + ', '.join(f'{e:.2f}%' for e in results['replica/test_error']))
-    if rounds_done % config.checkpoint_every_rounds == 0 or final:
-      checkpointer.save(rounds_done, state, {'config': json.loads(config_json),
-                                             'train_seconds': train_seconds})
-      last_checkpoint = rounds_done
-  bar.close()
-  writer.close()
-  if start_round == plan.total_rounds:  # nothing left to train: report the saved state
-    results = experiment.evaluate(state)
-  checkpointer.close()
-  if jax.process_index() == 0:
-    checkpoint.save_variables(os.path.join(workdir, 'reference'),
-                              experiment.reference_variables(state))
+  Raises:
+    ValueError: for an invalid config (naming the field, its value and what is
+      allowed); :class:`ConfigMismatchError` if `workdir` holds a run of
+      another config and not `overwrite`.
+    DivergenceError: when a replica's loss or params become NaN/Inf (with
+      ``config.on_divergence='rollback'``: again after ``config.max_rollbacks``
+      rollbacks); the last good checkpoint is kept.
+    TrainingInterrupted: after SIGTERM/SIGINT, once the round ended and a
+      checkpoint was saved.
+  """
+  base.validate(config)
+  config_json = config.to_json_best_effort(sort_keys=True)
+  with faults.StopSignals() as signals:
+    checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,
+                                       keep_checkpoints=config.keep_checkpoints)
+    try:
+      experiment = Experiment(config)
+      state, results, train_seconds = _train(experiment, workdir, config_json, checkpointer,
+                                             signals)
+    finally:
+      checkpointer.close()
+  plan = experiment.plan
+  variables = experiment.reference_variables(state)  # one all-reduce: on every process
+  checkpoint.save_variables(os.path.join(workdir, 'reference'), variables)
   results = dict(results, optimizer=plan.optimizer, num_replicas=plan.num_replicas,
                  rounds=plan.total_rounds, epochs=plan.epochs(plan.total_rounds),
                  effective_epochs=plan.effective_epochs(plan.total_rounds),
                  gradient_evaluations=plan.gradient_evaluations(plan.total_rounds),
                  train_seconds=train_seconds, mapping=experiment.round_fn.mapping)
-  print(f"{plan.optimizer} ({plan.num_replicas} replica{'s' * (plan.num_replicas > 1)}, "
-        f"{results['effective_epochs']:.1f} effective epochs): reference test error "
-        f"{results['reference/test_error']:.2f}%, ensemble {results['ensemble/test_error']:.2f}%")
+  if distributed.is_primary():
+    print(f"{plan.optimizer} ({plan.num_replicas} replica{'s' * (plan.num_replicas > 1)}, "
+          f"{results['effective_epochs']:.1f} effective epochs): reference test error "
+          f"{results['reference/test_error']:.2f}%, ensemble "
+          f"{results['ensemble/test_error']:.2f}%")
   if config.compare_to_sgd and plan.optimizer != 'sgd':
     results['sgd_baselines'] = _compare_to_sgd(config, plan, results, workdir)
   return results
+
+
+def _train(experiment: Experiment, workdir: str, config_json: str,
+           checkpointer: checkpoint.Checkpointer, signals: faults.StopSignals):
+  """The rounds: train, check, log, evaluate, checkpoint. Returns (state, results, seconds)."""
+  config, plan, replicas = experiment.config, experiment.plan, experiment.replicas
+  state, record = _restore(experiment, checkpointer)
+  rounds_done, train_seconds = record['round'], record.get('train_seconds', 0.0)
+  rollbacks = record.get('rollbacks', 0)
+  lr_scale = record.get('learning_rate_scale', 1.0)
+  if lr_scale != 1.0:
+    experiment.scale_learning_rates(lr_scale)
+  if rounds_done:
+    logging.info('Resumed from the checkpoint after round %d in %s (learning rates x%g)',
+                 rounds_done, workdir, lr_scale)
+  writer = metric_writer.MetricWriter(workdir, resume_round=rounds_done)
+  logging.info('%s on %s: %s', plan.optimizer, replicas, plan)
+
+  def save():
+    checkpointer.save(rounds_done, replicas.to_global(state), {
+        'config': json.loads(config_json), 'train_seconds': train_seconds,
+        'rollbacks': rollbacks, 'learning_rate_scale': lr_scale})
+
+  eval_every = config.eval_every_rounds or max(1, round(plan.rounds_per_epoch))
+  samples_per_round = plan.steps_per_round * plan.batch_size * plan.num_replicas
+  bar = tqdm.tqdm(total=plan.total_rounds, initial=rounds_done, unit='round',
+                  disable=not config.progress_bar or not distributed.is_primary(),
+                  dynamic_ncols=True)
+  compiled, results = False, {}
+  try:
+    while rounds_done < plan.total_rounds:
+      if not compiled:  # compile (and time the mappings) outside the clock
+        distributed.barrier('compile')  # start together: see distributed.barrier
+        warm_up_seconds = experiment.round_fn.warm_up(state, experiment.device_data)
+        logging.info('compiled the round in %.1f s; mapping %s', warm_up_seconds,
+                     experiment.round_fn.mapping)
+        window_losses, window_errors, window_start = [], [], time.perf_counter()
+        compiled = True
+      round_start = time.perf_counter()
+      state, metrics = experiment.round_fn(state, experiment.device_data)
+      jax.block_until_ready(metrics)
+      train_seconds += time.perf_counter() - round_start
+      rounds_done += 1
+      report = faults.check_round(replicas, state.params, metrics, signals.received is not None)
+      problem = report.divergence(rounds_done)
+      if problem is not None:
+        good = _last_good_round(checkpointer, report, rounds_done)
+        kept = (f'the last good checkpoint (after round {good}) in {checkpointer.directory} '
+                'is kept' if good is not None else 'there is no good checkpoint yet')
+        if config.on_divergence == 'rollback' and rollbacks < config.max_rollbacks:
+          rollbacks += 1
+          lr_scale *= config.rollback_lr_factor
+          logging.warning('%s; rolling back to round %d with the learning rates x%g '
+                          '(rollback %d of at most %d)', problem, good or 0, lr_scale,
+                          rollbacks, config.max_rollbacks)
+          state, record = _restore(experiment, checkpointer, good)
+          rounds_done = record['round']
+          checkpointer.delete_after(rounds_done)  # they lead to the divergence
+          experiment.scale_learning_rates(lr_scale)
+          writer.rewind(rounds_done)
+          writer.write(rounds_done, {'rollback': rollbacks, 'learning_rate_scale': lr_scale})
+          bar.reset(total=plan.total_rounds)
+          bar.update(rounds_done)
+          compiled = False
+          continue
+        if config.on_divergence == 'rollback':
+          problem += (f' after {rollbacks} rollbacks (config.max_rollbacks='
+                      f'{config.max_rollbacks}) with the learning rates x{lr_scale:g}')
+        raise DivergenceError(
+            f'Training diverged: {problem}. Stopping; {kept}. Lower config.learning_rate / '
+            'config.inner_learning_rate and start afresh (--overwrite or another --workdir), '
+            "or resume with --config.on_divergence=rollback.")
+      window_losses.append(report.metrics['loss'])
+      window_errors.append(report.metrics['error'])
+      bar.update(1)
+      final = rounds_done == plan.total_rounds
+      if rounds_done % config.log_every_rounds == 0 or final:
+        elapsed = time.perf_counter() - window_start
+        summary = _round_summary(plan, rounds_done, window_losses, window_errors,
+                                 len(window_losses) * samples_per_round / elapsed)
+        summary['train_seconds'] = train_seconds
+        writer.write(rounds_done, summary)
+        bar.set_postfix(epoch=f"{summary['epoch']:.2f}", loss=f"{summary['train/loss']:.3f}",
+                        img_s=f"{summary['images_per_second']:.0f}")
+        window_losses, window_errors, window_start = [], [], time.perf_counter()
+      if rounds_done % eval_every == 0 or final:
+        results = experiment.evaluate(state)
+        writer.write(rounds_done, dict(
+            results, epoch=plan.epochs(rounds_done),
+            effective_epochs=plan.effective_epochs(rounds_done),
+            gradient_evaluations=plan.gradient_evaluations(rounds_done),
+            train_seconds=train_seconds))
+        if distributed.is_primary():
+          bar.write(f"round {rounds_done} (epoch {plan.epochs(rounds_done):.2f}): reference "
+                    f"test error {results['reference/test_error']:.2f}%, replicas "
+                    + ', '.join(f'{e:.2f}%' for e in results['replica/test_error']))
+      saved = rounds_done % config.checkpoint_every_rounds == 0 or final
+      if saved or report.stop:
+        save()
+      if report.stop and not final:
+        name = (signal.Signals(signals.received).name if signals.received is not None
+                else 'a signal to another process')
+        raise TrainingInterrupted(
+            f'Stopped by {name} after round {rounds_done} of {plan.total_rounds}; the '
+            f'checkpoint after round {rounds_done} is in {checkpointer.directory}. Run the '
+            'same command again to resume.')
+  finally:
+    bar.close()
+    writer.close()
+  if not results:  # nothing left to train: report the saved state
+    results = experiment.evaluate(state)
+  return state, results, train_seconds
 
 
 def sgd_config_with_same_budget(config, plan, *, per_replica: bool = False
@@ -270,7 +388,11 @@ def main(argv):
   # orbax logs every step of every save at INFO; keep its warnings only.
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  distributed.initialize()  # several processes if the flags or the environment say so
+  if not distributed.is_primary():
+    logging.set_verbosity(logging.WARNING)  # process 0 tells the story
+  return faults.exit_code(
+      lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value))
 
 
 if __name__ == '__main__':

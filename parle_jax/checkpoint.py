@@ -2,7 +2,11 @@
 
 Built on orbax: a checkpoint is written to a temporary directory and renamed
 when complete, so a process killed while saving leaves the previous checkpoint
-intact. The replica state (a pytree of arrays, see
+intact (the next :class:`Checkpointer` on that directory ignores and deletes the
+unfinished temporary directory). With several processes (``jax.distributed``),
+every process must call :meth:`Checkpointer.save` and
+:meth:`Checkpointer.restore`: each writes and reads its own shards, process 0
+the metadata. The replica state (a pytree of arrays, see
 :class:`parle_jax.rounds.ReplicaState`) is saved with its device layout and
 restored onto the same layout; the reference model is saved separately as
 plain Flax variables, loadable without any of parle_jax.
@@ -32,11 +36,22 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
 
   def latest_round(self) -> Optional[int]:
     """The round of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
+
+  def rounds(self) -> list[int]:
+    """The rounds of all complete checkpoints, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def delete_after(self, round_index: int) -> None:
+    """Deletes the checkpoints after `round_index` (training went back to it)."""
+    for newer in self.rounds():
+      if newer > round_index:
+        self._manager.delete(newer)
 
   def save(self, round_index: int, state: Any, record: dict) -> None:
     """Writes the state after `round_index` rounds (blocking until complete)."""

@@ -41,11 +41,13 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import numbers
 import os
 import pathlib
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +125,10 @@ class DataUnavailableError(RuntimeError):
 
 class CorruptCacheError(RuntimeError):
   """A cached ``<split>.npz`` file is unreadable or holds the wrong arrays."""
+
+
+class CorruptFileError(DataUnavailableError):
+  """A dataset's source file is truncated or is not the file it should be."""
 
 
 # ----------------------------------------------------------------------------
@@ -209,6 +215,35 @@ def _has_fashion_mnist_files(directory: pathlib.Path) -> bool:
   return all((directory / f).is_file() for f in FASHION_MNIST_FILES.values())
 
 
+def _check_fashion_mnist_files(directory: pathlib.Path) -> None:
+  """Reads the four IDX files through; raises CorruptFileError naming a bad one."""
+  for key, filename in FASHION_MNIST_FILES.items():
+    split, kind = key.split('_')
+    count = _FASHION_MNIST_SIZES[split]
+    magic, shape = (2051, (count, 28, 28)) if kind == 'data' else (2049, (count,))
+    path = directory / filename
+    try:
+      with gzip.open(path, 'rb') as f:
+        content = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+      problem = f'{type(err).__name__}: {err}'
+    else:
+      header = np.frombuffer(content[:4 * (1 + len(shape))], '>i4')
+      expected = [magic, *shape]
+      if list(header) != expected:
+        problem = f'its IDX header is {header.tolist()}, expected {expected}'
+      elif len(content) != 4 * len(expected) + int(np.prod(shape)):
+        problem = (f'it holds {len(content)} bytes once decompressed, expected '
+                   f'{4 * len(expected) + int(np.prod(shape))}')
+      else:
+        continue
+    raise CorruptFileError(
+        f'{path} is truncated or not the Fashion-MNIST file {filename} ({problem}). '
+        f'Reinstall it (`apt-get install --reinstall dataset-fashion-mnist`), or put the '
+        f'original {filename} (github.com/zalandoresearch/fashion-mnist) into {directory} '
+        f'(${FASHION_MNIST_DIR_ENV} chooses another directory).')
+
+
 def _local_fashion_mnist_builder(tfds, data_dir: PathLike):
   """TFDS's FashionMNIST builder, reading the four .gz files from manual_dir.
 
@@ -282,11 +317,14 @@ def prepare(name: str, data_dir: PathLike, *,
     DataUnavailableError: if tensorflow_datasets is missing, or the data is
       neither prepared, nor local, nor downloadable; the message says how to
       get it.
+    CorruptFileError: (a DataUnavailableError) if a local Fashion-MNIST file
+      is truncated or another file; the message names it and how to replace it.
   """
   dataset_info(name)
   tfds = _import_tfds(name, data_dir)
   fashion_dir = _fashion_mnist_dir(manual_dir)
   if name == 'fashion_mnist' and _has_fashion_mnist_files(fashion_dir):
+    _check_fashion_mnist_files(fashion_dir)
     builder = _local_fashion_mnist_builder(tfds, data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=fashion_dir))

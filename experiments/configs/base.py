@@ -5,6 +5,9 @@ the setup's own values. Any field can be overridden on the command line, e.g.
 ``--config.optimizer=sgd --config.num_replicas=6 --config.L=25``.
 """
 
+import math
+import numbers
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -12,6 +15,7 @@ from parle_jax import data, models
 from parle_jax.replicas import MAPPINGS
 
 OPTIMIZERS = ('parle', 'entropy_sgd', 'elastic_sgd', 'sgd', 'data_parallel_sgd')
+ON_DIVERGENCE = ('stop', 'rollback')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -55,49 +59,102 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_rounds = 10
   config.progress_bar = True
   config.compare_to_sgd = False  # also train SGD on the same gradient budget
+  # A NaN/Inf loss or params: 'stop' (keep the last good checkpoint), or 'rollback':
+  # restart from it with the learning rates times rollback_lr_factor, at most
+  # max_rollbacks times.
+  config.on_divergence = 'stop'
+  config.rollback_lr_factor = 0.1
+  config.max_rollbacks = 3
   return config
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+# Integer fields and their smallest allowed value (with what 0 means, where allowed).
+_INTEGERS = {
+    'L': (1, ''), 'batch_size': (1, ''), 'bn_recompute_batches': (1, ''),
+    'eval_batch_size': (1, ''), 'checkpoint_every_rounds': (1, ''), 'keep_checkpoints': (1, ''),
+    'log_every_rounds': (1, ''), 'seed': (0, ''),
+    'scoping_batches_per_epoch': (0, " (0: the data's batches per epoch)"),
+    'eval_every_rounds': (0, ' (0: once per epoch)'),
+    'train_eval_examples': (0, ' (0: no train error)'),
+    'max_rollbacks': (0, ''),
+}
+# Real fields: (lowest, lowest allowed?, highest, highest allowed?); None: unbounded.
+_REALS = {
+    'epochs': (0, False, None, False),
+    'data_fraction': (0, False, 1, True),
+    'lr_decay': (0, False, 1, True),
+    'rollback_lr_factor': (0, False, 1, False),
+    'learning_rate': (0, True, None, False),
+    'inner_learning_rate': (0, True, None, False),
+    'gamma_initial': (0, True, None, False),
+    'rho_initial': (0, True, None, False),
+    'weight_decay': (0, True, None, False),
+    'noise': (0, True, None, False),
+    'alpha': (0, True, 1, False),
+    'momentum': (0, True, 1, False),
+}
+
+
+def _interval(low, low_closed, high, high_closed) -> str:
+  if high is None:
+    return f'must be a finite number {">=" if low_closed else ">"} {low}'
+  return (f'must be in {"[" if low_closed else "("}{low}, {high}{"]" if high_closed else ")"}')
+
+
+def _inside(value, low, low_closed, high, high_closed) -> bool:
+  above = value >= low if low_closed else value > low
+  below = high is None or (value <= high if high_closed else value < high)
+  return above and below
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks every field up front; raises ValueError naming field, value and what is allowed."""
+  """Checks every field up front; raises ValueError naming field, value and what is allowed.
+
+  What depends on the data or the devices (batch larger than the training set,
+  replicas that do not divide among the devices, ...) is checked when the run
+  is planned (:func:`experiments.optimizers.make_plan`, ``select_devices``).
+  """
   def fail(field, allowed):
     raise ValueError(f'config.{field}={config[field]!r} is invalid: {allowed}.')
 
-  if config.dataset not in data.DATASETS:
-    fail('dataset', f'choose one of {sorted(data.DATASETS)}')
-  if config.model not in models.MODELS:
-    fail('model', f'choose one of {list(models.MODELS)}')
-  if config.optimizer not in OPTIMIZERS:
-    fail('optimizer', f'choose one of {list(OPTIMIZERS)}')
-  if config.mapping not in MAPPINGS:
-    fail('mapping', f'choose one of {list(MAPPINGS)}')
-  if config.num_replicas is not None and config.num_replicas < 1:
-    fail('num_replicas', 'must be >= 1 (or unset)')
-  for field in ('L', 'batch_size', 'bn_recompute_batches', 'eval_batch_size',
-                'checkpoint_every_rounds', 'keep_checkpoints', 'log_every_rounds'):
-    if not isinstance(config[field], int) or config[field] < 1:
-      fail(field, 'must be an integer >= 1')
-  if not isinstance(config.scoping_batches_per_epoch, int) or config.scoping_batches_per_epoch < 0:
-    fail('scoping_batches_per_epoch', "must be an integer >= 0 (0: the data's batches per epoch)")
-  if config.eval_every_rounds < 0:
-    fail('eval_every_rounds', 'must be >= 0 (0: once per epoch)')
-  if not config.epochs > 0:
-    fail('epochs', 'must be > 0')
-  if not 0 < config.data_fraction <= 1:
-    fail('data_fraction', 'must be in (0, 1]')
-  for field in ('learning_rate', 'inner_learning_rate', 'gamma_initial', 'rho_initial',
-                'weight_decay', 'noise', 'train_eval_examples'):
-    if config[field] < 0:
-      fail(field, 'must be >= 0')
-  for field in ('alpha', 'momentum'):
-    if not 0 <= config[field] < 1:
-      fail(field, 'must be in [0, 1)')
-  if not 0 < config.lr_decay <= 1:
-    fail('lr_decay', 'must be in (0, 1]')
-  if config.gamma_max < config.gamma_initial:
-    fail('gamma_max', f'must be >= gamma_initial={config.gamma_initial}')
-  if config.rho_max < config.rho_initial:
-    fail('rho_max', f'must be >= rho_initial={config.rho_initial}')
-  if list(config.lr_drop_epochs) != sorted(config.lr_drop_epochs) or any(
-      e <= 0 for e in config.lr_drop_epochs):
+  for field, choices in (('dataset', sorted(data.DATASETS)), ('model', list(models.MODELS)),
+                         ('optimizer', list(OPTIMIZERS)), ('mapping', list(MAPPINGS)),
+                         ('on_divergence', list(ON_DIVERGENCE))):
+    if not isinstance(config[field], str) or config[field] not in choices:
+      fail(field, f'choose one of {choices}')
+  if config.num_replicas is not None and (not _is_int(config.num_replicas)
+                                          or config.num_replicas < 1):
+    fail('num_replicas', 'must be an integer >= 1 (or unset)')
+  for field, (lowest, meaning) in _INTEGERS.items():
+    if not _is_int(config[field]) or config[field] < lowest:
+      fail(field, f'must be an integer >= {lowest}{meaning}')
+  for field, bounds in _REALS.items():
+    if not _is_number(config[field]) or not _inside(config[field], *bounds):
+      fail(field, _interval(*bounds))
+  for field, initial in (('gamma_max', 'gamma_initial'), ('rho_max', 'rho_initial')):
+    if not _is_number(config[field]) or config[field] < config[initial]:
+      fail(field, f'must be a finite number >= {initial}={config[initial]}')
+  drops = config.lr_drop_epochs
+  if (not isinstance(drops, (tuple, list)) or not all(_is_number(e) and e > 0 for e in drops)
+      or list(drops) != sorted(drops)):
     fail('lr_drop_epochs', 'must be increasing positive epochs')
+  for field in ('augment', 'progress_bar', 'compare_to_sgd'):
+    if not isinstance(config[field], bool):
+      fail(field, 'must be True or False')
+  if not isinstance(config.data_dir, str):
+    fail('data_dir', "must be a path ('' for $PARLE_DATA_DIR or ~/tensorflow_datasets)")
+  try:
+    models.create_model(config.model, data.DATASETS[config.dataset].num_classes,
+                        **config.model_kwargs.to_dict())
+  except (TypeError, ValueError) as err:
+    raise ValueError(f'config.model_kwargs={config.model_kwargs.to_dict()!r} is invalid for '
+                     f'config.model={config.model!r}: {err}') from None

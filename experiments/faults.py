@@ -1,0 +1,288 @@
+"""What a run does when something goes wrong: signals, divergence, a reused workdir.
+
+* SIGTERM or SIGINT (:class:`StopSignals`): the run finishes its round, saves a
+  checkpoint and raises :class:`TrainingInterrupted`; the binary exits with
+  :data:`EXIT_INTERRUPTED` and running it again resumes. A second SIGINT
+  interrupts at once (KeyboardInterrupt).
+* A NaN or Inf in a replica's loss or params (:func:`check_round`): the run
+  stops with :class:`DivergenceError` (exit :data:`EXIT_DIVERGED`), naming the
+  round and the replica and keeping the last good checkpoint; or, with
+  ``config.on_divergence='rollback'``, restarts from that checkpoint with its
+  learning rates times ``config.rollback_lr_factor``, at most
+  ``config.max_rollbacks`` times.
+* A workdir whose checkpoint (or ``config.json``) comes from another config
+  (:func:`open_workdir`): refused with :class:`ConfigMismatchError`, unless
+  told to overwrite.
+
+With several processes every decision (stop, diverged) is taken on the same
+all-reduced numbers, so all processes stop at the same round.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax import lax
+
+from experiments import distributed
+from parle_jax import checkpoint
+from parle_jax import replicas as replicas_lib
+
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): run again to resume.
+
+# Config fields that may differ between a run and its resumption: they change
+# what is logged, evaluated or kept, how fast it runs, or how long it goes on,
+# never the trajectory of the rounds already trained.
+RESUMABLE_FIELDS = frozenset({
+    'progress_bar', 'data_dir', 'epochs', 'mapping', 'eval_every_rounds', 'eval_batch_size',
+    'train_eval_examples', 'bn_recompute_batches', 'log_every_rounds',
+    'checkpoint_every_rounds', 'keep_checkpoints', 'compare_to_sgd', 'on_divergence',
+    'rollback_lr_factor', 'max_rollbacks'})
+# What a run writes into its workdir (deleted by --overwrite).
+WORKDIR_OUTPUTS = ('checkpoints', 'tensorboard', 'reference', 'metrics.jsonl', 'config.json',
+                   'sgd_per_replica_budget', 'sgd_total_budget')
+
+
+class DivergenceError(FloatingPointError):
+  """Training produced a NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+  """SIGTERM/SIGINT stopped the run after a checkpoint; running again resumes."""
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds a run of another config."""
+
+
+# ----------------------------------------------------------------------------
+# Signals.
+
+
+class StopSignals:
+  """Turns SIGTERM and SIGINT into a request to stop at the end of the round.
+
+  A context manager; outside the main thread it installs nothing. ``received``
+  is the first signal's number (None until one arrives). A second SIGINT
+  raises KeyboardInterrupt at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self) -> 'StopSignals':
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+    print(f'received {signal.Signals(signum).name}: stopping at the end of this round, '
+          'after a checkpoint (send SIGINT again to stop at once)', file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# The check after each round.
+
+
+class RoundReport(NamedTuple):
+  """What every process learns after a round (the same on all of them).
+
+  Attributes:
+    metrics: each round metric (``'loss'``, ``'error'``, ...) averaged over the
+      round's steps, one value per replica, ``[n]`` in global replica order.
+    bad_loss_step: per replica, the first step of the round whose loss is NaN
+      or Inf, or -1.
+    bad_params: per replica, whether any of its params is NaN or Inf.
+    stop: whether any process received SIGTERM/SIGINT.
+  """
+
+  metrics: dict[str, np.ndarray]
+  bad_loss_step: np.ndarray
+  bad_params: np.ndarray
+  stop: bool
+
+  def divergence(self, round_index: int) -> Optional[str]:
+    """Says which replica went wrong in round `round_index`, or None."""
+    for replica in range(len(self.bad_params)):
+      step = int(self.bad_loss_step[replica])
+      if step >= 0:
+        return (f'the loss of replica {replica} became NaN or Inf in round {round_index} '
+                f'(step {step} of the round)')
+      if self.bad_params[replica]:
+        return f'the params of replica {replica} became NaN or Inf in round {round_index}'
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _round_check_fn(replicas: replicas_lib.Replicas) -> Callable:
+  n, per_device = replicas.num_replicas, replicas.per_device
+
+  def device_fn(params, metrics, stop):
+    ids = lax.axis_index(replicas_lib.DEVICE_AXIS) * per_device + jnp.arange(per_device)
+
+    def spread(values):  # [R] on each device -> [n] everywhere (one all-reduce)
+      return lax.psum(jnp.zeros((n,), values.dtype).at[ids].set(values),
+                      replicas_lib.DEVICE_AXIS)
+
+    finite = jnp.isfinite(metrics['loss'].reshape(per_device, -1))
+    bad_step = jnp.where(finite.all(axis=1), -1, jnp.argmin(finite, axis=1)).astype(jnp.int32)
+    params_ok = jnp.stack([jnp.isfinite(x.reshape(per_device, -1)).all(axis=1)
+                           for x in jax.tree.leaves(params)]).all(axis=0)
+    means = {k: spread(v.reshape(per_device, -1).astype(jnp.float32).mean(axis=1))
+             for k, v in metrics.items()}
+    return (means, spread(bad_step), spread((~params_ok).astype(jnp.int32)),
+            lax.psum(stop, replicas_lib.DEVICE_AXIS))
+
+  return replicas.pmap(device_fn)
+
+
+def check_round(replicas: replicas_lib.Replicas, params: Any, metrics: dict,
+                stop: bool) -> RoundReport:
+  """Per-replica round metrics and NaN/Inf checks, agreed by all processes.
+
+  Args:
+    replicas: the layout.
+    params: the replicas' params after the round, leaves ``[D, R, ...]``.
+    metrics: the round's metrics, leaves ``[D, R, L]``; must hold ``'loss'``.
+    stop: whether this process was asked to stop.
+
+  Returns:
+    The :class:`RoundReport`, identical on every process (one small
+    all-reduce).
+  """
+  flags = replicas.broadcast(np.int32(bool(stop)))
+  means, bad_step, bad_params, stop_count = _round_check_fn(replicas)(params, metrics, flags)
+  first = lambda x: np.asarray(x.addressable_shards[0].data)[0]
+  return RoundReport(metrics={k: first(v) for k, v in means.items()},
+                     bad_loss_step=first(bad_step), bad_params=first(bad_params).astype(bool),
+                     stop=bool(first(stop_count)))
+
+
+# ----------------------------------------------------------------------------
+# The workdir.
+
+
+def config_differences(stored: dict, current: dict) -> list[str]:
+  """The fields (outside :data:`RESUMABLE_FIELDS`) whose values differ."""
+  missing = '<not set>'
+  differences = []
+  for field in sorted((set(stored) | set(current)) - RESUMABLE_FIELDS):
+    there, here = stored.get(field, missing), current.get(field, missing)
+    if there != here:
+      differences.append(f'{field}={there!r} there, {here!r} now')
+  return differences
+
+
+def _clear_outputs(workdir: str) -> None:
+  for name in WORKDIR_OUTPUTS:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+    else:
+      continue
+    logging.warning('--overwrite: deleted %s', path)
+
+
+def open_workdir(workdir: str, config_json: str, *, keep_checkpoints: int,
+                 overwrite: bool = False) -> checkpoint.Checkpointer:
+  """Checks that `workdir` may receive this run, writes its config.json, opens its checkpoints.
+
+  A workdir that holds a checkpoint (or, before the first checkpoint, a
+  ``config.json``) of a config that differs in a field outside
+  :data:`RESUMABLE_FIELDS` is refused. With `overwrite`, the previous run's
+  outputs (:data:`WORKDIR_OUTPUTS`) are deleted first and the run starts afresh.
+
+  Raises:
+    ConfigMismatchError: naming the fields that differ.
+  """
+  current = json.loads(config_json)
+  if overwrite and distributed.is_primary():
+    _clear_outputs(workdir)
+  distributed.barrier('open_workdir')
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         max_to_keep=keep_checkpoints)
+  stored, source = None, None
+  if checkpointer.latest_round() is not None:
+    stored = checkpointer.read_record().get('config')
+    source = f'the checkpoint after round {checkpointer.latest_round()}'
+  elif os.path.exists(os.path.join(workdir, 'config.json')):
+    with open(os.path.join(workdir, 'config.json')) as f:
+      stored, source = json.load(f), 'config.json'
+  differences = config_differences(stored, current) if stored is not None else []
+  if differences:
+    checkpointer.close()
+    raise ConfigMismatchError(
+        f'--workdir={workdir} holds a run of another config ({source}): '
+        + '; '.join(differences) + '. Use another --workdir, run with the same config to '
+        'resume it, or pass --overwrite to delete its outputs and start afresh.')
+  distributed.barrier('workdir_checked')  # every process has read the old config.json
+  if distributed.is_primary():
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_json)
+  return checkpointer
+
+
+# ----------------------------------------------------------------------------
+# Exit codes.
+
+
+def exit_code(fn: Callable[[], Any]) -> int:
+  """Runs `fn` (the whole run); returns the binary's exit status.
+
+  0 when it finishes, :data:`EXIT_INTERRUPTED` after SIGTERM/SIGINT,
+  :data:`EXIT_DIVERGED` when training diverged. Other errors propagate (exit
+  status 1) -- except with several processes, where this process exits at once
+  (:data:`distributed.EXIT_PEER_LOST` when a collective failed, most likely
+  because another process died; 1 otherwise) so that its peers, blocked in a
+  collective with it, fail fast instead of waiting for the shutdown timeout.
+  """
+  try:
+    fn()
+    return 0
+  except TrainingInterrupted as err:
+    logging.warning('%s', err)
+    return EXIT_INTERRUPTED
+  except DivergenceError as err:
+    logging.error('%s', err)
+    return EXIT_DIVERGED
+  except Exception as err:  # pylint: disable=broad-except
+    if jax.process_count() == 1:
+      raise
+    lost = isinstance(err, jax.errors.JaxRuntimeError)
+    logging.exception(
+        'process %d of %d: %s', jax.process_index(), jax.process_count(),
+        'a collective with the other processes failed; most likely another process died '
+        '(see its log). Restart all processes to resume from the last checkpoint.'
+        if lost else 'this process failed; stopping it now so that the others stop too.')
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(distributed.EXIT_PEER_LOST if lost else 1)  # pylint: disable=protected-access
