@@ -1,0 +1,435 @@
+"""Faults and bad input: configs, workdirs, data files, NaN/Inf, killed saves, signals, processes.
+
+The runs are tiny (LeNet, 2 steps of batch 8 per round, a few rounds); most of
+the time goes into compiling them. The multi-process tests start 2 processes of
+2 fake CPU devices each on 127.0.0.1 (gloo collectives), every process under a
+timeout.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import distributed, faults, optimizers, train
+from experiments.configs import base, fashion_mnist_lenet
+from parle_jax import checkpoint, data
+from test_train import MOCK_EXAMPLES, tiny
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+# --- every config field is checked up front --------------------------------------
+@pytest.mark.parametrize('field, value, message', [
+    ('dataset', 'imagenet', r"config.dataset='imagenet' is invalid: choose one of \["),
+    ('model', 'resnet50', "config.model='resnet50' is invalid: choose one of"),
+    ('optimizer', 'adam', "config.optimizer='adam' is invalid: choose one of"),
+    ('mapping', 'pmap', "config.mapping='pmap' is invalid"),
+    ('on_divergence', 'ignore', "config.on_divergence='ignore' is invalid: choose one of"),
+    ('L', 0, 'config.L=0 is invalid: must be an integer >= 1'),
+    ('L', None, 'config.L=None is invalid: must be an integer >= 1'),
+    ('num_replicas', 0, 'config.num_replicas=0 is invalid: must be an integer >= 1'),
+    ('batch_size', -1, 'config.batch_size=-1 is invalid: must be an integer >= 1'),
+    ('batch_size', True, 'config.batch_size=True is invalid'),
+    ('seed', -1, 'config.seed=-1 is invalid: must be an integer >= 0'),
+    ('max_rollbacks', -1, 'config.max_rollbacks=-1 is invalid'),
+    ('eval_every_rounds', -2, r'config.eval_every_rounds=-2 is invalid: must be an integer >= 0 \(0'),
+    ('learning_rate', -0.1, 'config.learning_rate=-0.1 is invalid: must be a finite number >= 0'),
+    ('learning_rate', float('nan'), 'config.learning_rate=nan is invalid'),
+    ('inner_learning_rate', float('inf'), 'config.inner_learning_rate=inf is invalid'),
+    ('weight_decay', -1e-4, 'config.weight_decay=-0.0001 is invalid'),
+    ('noise', -1.0, 'config.noise=-1.0 is invalid'),
+    ('epochs', 0.0, r'config.epochs=0.0 is invalid: must be a finite number > 0'),
+    ('data_fraction', 1.5, r'config.data_fraction=1.5 is invalid: must be in \(0, 1\]'),
+    ('data_fraction', 0.0, r'config.data_fraction=0.0 is invalid: must be in \(0, 1\]'),
+    ('lr_decay', 0.0, r'config.lr_decay=0.0 is invalid: must be in \(0, 1\]'),
+    ('lr_decay', 2.0, r'config.lr_decay=2.0 is invalid: must be in \(0, 1\]'),
+    ('rollback_lr_factor', 1.0, r'config.rollback_lr_factor=1.0 is invalid: must be in \(0, 1\)'),
+    ('alpha', 1.0, r'config.alpha=1.0 is invalid: must be in \[0, 1\)'),
+    ('momentum', -0.5, r'config.momentum=-0.5 is invalid: must be in \[0, 1\)'),
+    ('gamma_max', 0.001, 'config.gamma_max=0.001 is invalid: must be a finite number >= '
+                         'gamma_initial=0.01'),
+    ('lr_drop_epochs', (3, 1), 'config.lr_drop_epochs=.* is invalid: must be increasing positive'),
+    ('lr_drop_epochs', (0, 1), 'config.lr_drop_epochs'),
+    ('data_dir', None, 'config.data_dir=None is invalid: must be a path'),
+    ('progress_bar', None, 'config.progress_bar=None is invalid: must be True or False'),
+])
+def test_bad_config_field_is_named_with_its_value(field, value, message):
+  """ConfigDict refuses values of another type itself (e.g. L=2.5); None and bools pass it."""
+  config = fashion_mnist_lenet.get_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    base.validate(config)
+
+
+def test_bad_model_kwargs_are_named():
+  config = fashion_mnist_lenet.get_config()
+  config.model_kwargs.depth = 10  # LeNet has no depth
+  with pytest.raises(ValueError, match=r"config.model_kwargs=\{'depth': 10, 'dropout': 0.25\} "
+                                       r"is invalid for config.model='lenet': .*'depth'"):
+    base.validate(config)
+  config = fashion_mnist_lenet.get_config()
+  config.model_kwargs.dropout = 1.5
+  with pytest.raises(ValueError, match='config.model_kwargs=.*dropout'):
+    base.validate(config)
+
+
+@pytest.mark.parametrize('overrides, devices, message', [
+    (dict(num_replicas=6), 4, 'config.num_replicas=6 is invalid: it must be a multiple of the 4 '
+                              'devices'),
+    (dict(num_replicas=12), 8, 'config.num_replicas=12 is invalid: it must be a multiple of the 8'),
+    (dict(optimizer='data_parallel_sgd', num_replicas=3, batch_size=128), 8,
+     'config.batch_size=128 must be divisible by the 3'),
+    (dict(optimizer='sgd', num_replicas=2), 8, "config.optimizer='sgd' trains one model"),
+    (dict(batch_size=100000), 8, 'config.batch_size=100000 exceeds the 60000 training examples'),
+    (dict(data_fraction=0.001, batch_size=128), 8, 'exceeds the 60 training examples'),
+])
+def test_settings_that_do_not_fit_the_data_or_devices_raise(overrides, devices, message):
+  config = fashion_mnist_lenet.get_config()
+  config.update(overrides)
+  base.validate(config)
+  with pytest.raises(ValueError, match=message):
+    plan = optimizers.make_plan(config, 60000, devices)
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(jax, 'devices', lambda: [jax.local_devices()[0]] * devices)
+      optimizers.select_devices(plan)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(num_processes=0), '--num_processes=0 is invalid: must be >= 1'),
+    (dict(num_processes=2, process_id=2, coordinator_address='127.0.0.1:1234'),
+     r'--process_id=2 is invalid: must be in 0 .. 1'),
+    (dict(num_processes=2, process_id=0, coordinator_address='localhost'),
+     "--coordinator_address='localhost' is invalid: must be HOST:PORT"),
+    (dict(num_processes=2), 'missing --coordinator_address, --process_id'),
+    (dict(process_id=1), '--process_id=1 is invalid for a single process'),
+])
+def test_bad_process_flags_raise_before_jax_starts(kwargs, message, monkeypatch):
+  for name in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID', 'SLURM_NTASKS',
+               'SLURM_STEP_NODELIST', 'OMPI_MCA_orte_hnp_uri'):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize(**kwargs)
+
+
+def test_single_process_needs_no_set_up(monkeypatch):
+  monkeypatch.delenv('JAX_COORDINATOR_ADDRESS', raising=False)
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '1')
+  assert distributed.initialize() is False
+
+
+# --- a workdir of another config ---------------------------------------------------
+def _config_json(config):
+  return config.to_json_best_effort(sort_keys=True)
+
+
+def test_workdir_of_another_config_is_refused_unless_overwritten(tmp_path):
+  workdir = str(tmp_path / 'work')
+  first = tiny(fashion_mnist_lenet.get_config(), tmp_path / 'data')
+  saved = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  saved.save(4, {'w': np.zeros(3, np.float32)}, {'config': json.loads(_config_json(first))})
+  saved.close()
+  (tmp_path / 'work' / 'metrics.jsonl').write_text('{"round": 4}\n')
+
+  # Fields that may change on resume (progress bar, length of the run, logging) are fine.
+  resumed = tiny(fashion_mnist_lenet.get_config(), tmp_path / 'elsewhere', rounds=9,
+                 progress_bar=True, log_every_rounds=3)
+  faults.open_workdir(workdir, _config_json(resumed), keep_checkpoints=3).close()
+
+  other = tiny(fashion_mnist_lenet.get_config(), tmp_path / 'data', learning_rate=0.5, L=3)
+  with pytest.raises(train.ConfigMismatchError) as error:
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES,
+                                policy=tfds.testing.MockPolicy.USE_CODE):
+      train.train_and_evaluate(other, workdir)  # refused before any data or training
+  message = str(error.value)
+  assert f'--workdir={workdir} holds a run of another config (the checkpoint after round 4)' \
+      in message
+  assert 'L=2 there, 3 now' in message and 'learning_rate=0.1 there, 0.5 now' in message
+  assert '--overwrite' in message and 'progress_bar' not in message
+
+  checkpointer = faults.open_workdir(workdir, _config_json(other), keep_checkpoints=3,
+                                     overwrite=True)
+  assert checkpointer.latest_round() is None
+  checkpointer.close()
+  assert not (tmp_path / 'work' / 'metrics.jsonl').exists()
+  assert json.loads((tmp_path / 'work' / 'config.json').read_text())['L'] == 3
+
+  # Before its first checkpoint a run is known by its config.json.
+  with pytest.raises(train.ConfigMismatchError, match=r'\(config.json\): L=3 there, 2 now'):
+    faults.open_workdir(workdir, _config_json(first), keep_checkpoints=3)
+
+
+# --- truncated or wrong data files -------------------------------------------------
+def test_truncated_or_wrong_fashion_mnist_file_is_named(tmp_path, monkeypatch):
+  source = pathlib.Path(os.environ.get(data.FASHION_MNIST_DIR_ENV,
+                                       data.DEFAULT_FASHION_MNIST_DIR))
+  if not all((source / f).is_file() for f in data.FASHION_MNIST_FILES.values()):
+    pytest.skip(f'no Fashion-MNIST files in {source}')
+  files = tmp_path / 'files'
+  files.mkdir()
+  for name in data.FASHION_MNIST_FILES.values():
+    (files / name).write_bytes((source / name).read_bytes())
+  monkeypatch.setenv(data.FASHION_MNIST_DIR_ENV, str(files))
+  truncated = files / data.FASHION_MNIST_FILES['train_labels']
+  truncated.write_bytes(truncated.read_bytes()[:5000])
+  with pytest.raises(data.CorruptFileError,
+                     match=f'{truncated} is truncated or not the Fashion-MNIST file .*'
+                           'apt-get install --reinstall dataset-fashion-mnist'):
+    data.load('fashion_mnist', 'train', tmp_path / 'tfds')
+  # Test images where the training images should be: right format, wrong header.
+  (files / data.FASHION_MNIST_FILES['train_labels']).write_bytes(
+      (source / data.FASHION_MNIST_FILES['train_labels']).read_bytes())
+  wrong = files / data.FASHION_MNIST_FILES['train_data']
+  wrong.write_bytes((source / data.FASHION_MNIST_FILES['test_data']).read_bytes())
+  with pytest.raises(data.CorruptFileError,
+                     match=rf'{wrong} .*IDX header is \[2051, 10000, 28, 28\], expected '
+                           r'\[2051, 60000, 28, 28\]'):
+    data.load('fashion_mnist', 'train', tmp_path / 'tfds')
+
+
+def test_truncated_cache_file_is_named(tmp_path):
+  path = data.cache_path('fashion_mnist', 'train', tmp_path)
+  path.parent.mkdir(parents=True)
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  np.savez(path, image=images, label=np.zeros(4, np.int32))
+  path.write_bytes(path.read_bytes()[:200])
+  config = fashion_mnist_lenet.get_config()
+  config.data_dir = str(tmp_path)
+  with pytest.raises(data.CorruptCacheError, match=f'cannot read {path} .*delete {path} to '
+                                                   'rebuild it'):
+    train.Experiment(config)
+  np.savez(path, image=np.zeros((4, 32, 32, 3), np.uint8), label=np.zeros(4, np.int32))
+  with pytest.raises(data.CorruptCacheError, match=rf'{path}: image shape \(4, 32, 32, 3\)'):
+    train.Experiment(config)
+
+
+# --- NaN/Inf ---------------------------------------------------------------------
+def test_round_check_names_the_replica_and_round():
+  import parle_jax
+  replicas = parle_jax.Replicas(4, devices=jax.devices()[:2])
+  params = np.zeros((4, 3), np.float32)
+  params[3, 1] = np.nan
+  loss = np.ones((4, 5), np.float32)
+  metrics = {'loss': loss, 'error': np.full((4, 5), 0.5, np.float32)}
+  report = faults.check_round(replicas, replicas.shard({'w': params}), replicas.shard(metrics),
+                              stop=False)
+  assert report.divergence(7) == 'the params of replica 3 became NaN or Inf in round 7'
+  np.testing.assert_allclose(report.metrics['error'], [0.5] * 4)
+  assert not report.stop
+  loss[1, 2] = np.inf
+  loss[1, 4] = np.nan
+  report = faults.check_round(replicas, replicas.shard({'w': params}),
+                              replicas.shard(dict(metrics, loss=loss)), stop=True)
+  assert report.divergence(7) == ('the loss of replica 1 became NaN or Inf in round 7 '
+                                  '(step 2 of the round)')
+  assert report.stop and list(report.bad_loss_step) == [-1, 2, -1, -1]
+
+
+# A learning rate (Parle's outer and inner) that makes the tiny mock-data LeNet
+# overflow in round 4 (step 0: the params after round 3 are finite but blown up).
+DIVERGING_LR = 20.0
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+  """A persistent compilation cache for one test: a run resumed in-process finds its programs."""
+  from jax._src import compilation_cache as cache  # pylint: disable=g-import-not-at-top
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'jax_cache'))
+  cache.reset_cache()  # as JAX's own tests do, so that the new directory is used
+  yield
+  jax.config.update('jax_compilation_cache_dir', previous)
+  cache.reset_cache()
+
+
+def test_nan_stops_the_run_then_rollback_lowers_the_learning_rates(tmp_path, compilation_cache):
+  """Stop keeps the last good checkpoint; resumed with rollback, the run finishes."""
+  config = tiny(fashion_mnist_lenet.get_config(), tmp_path / 'data', rounds=5,
+                learning_rate=DIVERGING_LR, inner_learning_rate=DIVERGING_LR,
+                checkpoint_every_rounds=1, log_every_rounds=1, keep_checkpoints=5)
+  workdir = tmp_path / 'work'
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    with pytest.raises(train.DivergenceError) as error:
+      train.train_and_evaluate(config, str(workdir))
+    message = str(error.value)
+    assert message.startswith('Training diverged: the loss of replica '), message
+    assert 'became NaN or Inf in round 4 (step 0 of the round)' in message, message
+    # The checkpoint after round 3 gives that loss at once: the good one is round 2's.
+    assert (f'the last good checkpoint (after round 2) in {workdir / "checkpoints"} is kept'
+            in message), message
+    assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).rounds() == [1, 2, 3]
+
+    config.on_divergence, config.rollback_lr_factor = 'rollback', 0.01
+    results = train.train_and_evaluate(config, str(workdir))  # resumes, rolls back, finishes
+  assert results['rounds'] == 5 and np.isfinite(results['reference/test_loss'])
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  assert [(r['round'], r['rollback'], r['learning_rate_scale'])
+          for r in records if 'rollback' in r] == [(2, 1, 0.01)]
+  assert [r['round'] for r in records if 'train/loss' in r] == [1, 2, 3, 4, 5]
+  record = checkpoint.Checkpointer(str(workdir / 'checkpoints')).read_record()
+  assert (record['round'], record['rollbacks'], record['learning_rate_scale']) == (5, 1, 0.01)
+
+
+# --- a process killed while it saves -----------------------------------------------
+_KILLED_WHILE_SAVING = '''
+import os, signal, sys
+import numpy as np
+from orbax.checkpoint._src.path import atomicity
+from parle_jax import checkpoint
+saver = checkpoint.Checkpointer(sys.argv[1])
+saver.save(1, {"w": np.full(3, 1.0, np.float32)}, {"note": "good"})
+def die(self):  # the files of round 2 are written, the rename has not happened
+  os.kill(os.getpid(), signal.SIGKILL)
+atomicity.AtomicRenameTemporaryPath.finalize = die
+saver.save(2, {"w": np.full(3, 2.0, np.float32)}, {"note": "half written"})
+'''
+
+
+def test_kill_during_a_save_keeps_the_last_complete_checkpoint(tmp_path):
+  directory = tmp_path / 'checkpoints'
+  process = subprocess.run([sys.executable, '-c', _KILLED_WHILE_SAVING, str(directory)],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]
+  leftovers = [p.name for p in directory.iterdir() if p.name.startswith('2.')]
+  assert leftovers and 'tmp' in leftovers[0], sorted(os.listdir(directory))
+  restored = checkpoint.Checkpointer(str(directory))
+  assert restored.latest_round() == 1
+  state, record = restored.restore({'w': np.zeros(3, np.float32)})
+  np.testing.assert_array_equal(np.asarray(state['w']), [1.0, 1.0, 1.0])
+  assert record == {'note': 'good', 'round': 1}
+  restored.save(2, {'w': np.full(3, 2.0, np.float32)}, {'note': 'again'})
+  assert restored.latest_round() == 2
+  assert sorted(os.listdir(directory)) == ['1', '2']  # the unfinished one is gone
+
+
+# --- several processes -------------------------------------------------------------
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _start_processes(workdir, overrides, logs, num_processes=2):
+  """`num_processes` processes x 2 fake CPU devices running experiments.train.
+
+  No persistent compilation cache: its keys differ between processes, so with
+  one, process 0 would load a program that process 1 still compiles, and gloo
+  gives up on a first collective whose peers arrive more than 30 s apart.
+  """
+  port = _free_port()
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)  # conftest's 8 fake devices are for this process only
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  processes = []
+  for index in range(num_processes):
+    args = [sys.executable, '-m', 'experiments.train',
+            f'--config={REPO}/experiments/configs/fashion_mnist_lenet.py',
+            f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+            f'--num_processes={num_processes}', f'--process_id={index}',
+            '--heartbeat_timeout_seconds=10', '--initialization_timeout=120'] + [
+                f'--config.{k}={v}' for k, v in overrides.items()]
+    with open(logs / f'launch{len(list(logs.iterdir())) // num_processes}_{index}.log',
+              'w') as log:
+      processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=log,
+                                        stderr=subprocess.STDOUT))
+  return processes
+
+
+def _wait(processes, logs, timeout):
+  """Exit codes of `processes`; kills them all if one outlives `timeout`."""
+  deadline = time.time() + timeout
+  try:
+    return [p.wait(timeout=max(1, deadline - time.time())) for p in processes]
+  except subprocess.TimeoutExpired:
+    pytest.fail(f'processes still running after {timeout} s:\n' + _tail(logs))
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def _tail(logs, chars=3000):
+  return '\n'.join(f'--- {p.name}\n{p.read_text()[-chars:]}' for p in sorted(logs.glob('*.log')))
+
+
+def _wait_until(condition, processes, logs, timeout=300):
+  deadline = time.time() + timeout
+  while not condition():
+    if time.time() > deadline or any(p.poll() is not None for p in processes):
+      _wait(processes, logs, 1)
+      pytest.fail('the processes did not get there:\n' + _tail(logs))
+    time.sleep(0.05)
+
+
+def _records(workdir):
+  path = workdir / 'metrics.jsonl'
+  return [json.loads(line) for line in open(path) if line.strip()] if path.exists() else []
+
+
+def test_two_processes_stop_together_survive_a_dead_peer_and_match_one_process(
+    fashion_mnist_data_dir, tmp_path):
+  """2 processes x 2 devices = 1 process x 4 devices, across SIGTERM, a dead peer, resumes.
+
+  1. SIGTERM reaches process 1 only, before its first round ends: both
+     processes save the checkpoint after round 1 and exit 75.
+  2. Started again, they resume; process 1 is SIGKILLed while they evaluate
+     round 2: process 0 fails within the heartbeat timeout (10 s), not hangs.
+  3. Started again, they resume from round 1 and finish; the reference model
+     equals that of one process with 4 devices.
+  """
+  workdir, logs = tmp_path / 'two', tmp_path / 'logs'
+  logs.mkdir()
+  overrides = dict(data_dir=str(fashion_mnist_data_dir), L=2, batch_size=8, num_replicas=4,
+                   epochs=3 / 7500, mapping='vmap', progress_bar=False, log_every_rounds=1,
+                   bn_recompute_batches=2, train_eval_examples=32)  # evaluated at the end
+  processes = _start_processes(workdir, overrides, logs)
+  _wait_until(lambda: (workdir / 'config.json').exists(), processes, logs)  # handlers are in
+  processes[1].send_signal(signal.SIGTERM)
+  assert _wait(processes, logs, 400) == [faults.EXIT_INTERRUPTED] * 2, _tail(logs)
+  output = _tail(logs, 100000)
+  assert 'Stopped by SIGTERM after round 1 of 3' in output
+  assert 'Stopped by a signal to another process after round 1 of 3' in output
+  assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).rounds() == [1]
+
+  # An evaluation after every round (a field that may change on resume) makes rounds slow.
+  processes = _start_processes(workdir, dict(overrides, eval_every_rounds=1), logs)
+  _wait_until(lambda: any(r['round'] == 2 for r in _records(workdir)), processes, logs)
+  processes[1].kill()  # round 2 is trained; its evaluation runs collectives
+  killed = time.time()
+  codes = _wait(processes, logs, 120)
+  survivor = (logs / 'launch1_0.log').read_text()
+  assert time.time() - killed < 60 and codes[0] != 0, survivor[-3000:]
+  assert ('most likely another process died' in survivor  # ours: exit 69
+          or 'another task died' in survivor), survivor[-3000:]  # JAX's abort: SIGABRT
+  assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).rounds() == [1]
+
+  processes = _start_processes(workdir, overrides, logs)
+  assert _wait(processes, logs, 400) == [0, 0], _tail(logs)
+  assert 'Resumed from the checkpoint after round 1' in (logs / 'launch2_0.log').read_text()
+  records = _records(workdir)
+  assert [r['round'] for r in records if 'train/loss' in r] == [1, 2, 3]
+  assert len(records[-1]['replica/test_error']) == 4
+
+  one = tmp_path / 'one'  # this process: 1 process, the first 4 of its 8 devices
+  config = fashion_mnist_lenet.get_config()
+  config.update(overrides)
+  train.train_and_evaluate(config, str(one))
+  two_variables = checkpoint.load_variables(str(workdir / 'reference'))
+  one_variables = checkpoint.load_variables(str(one / 'reference'))
+  for a, b in zip(jax.tree.leaves(two_variables), jax.tree.leaves(one_variables)):
+    # Not bit-identical: gloo sums in another order, XLA splits work across threads otherwise.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose([r['train/loss'] for r in records if 'train/loss' in r],
+                             [r['train/loss'] for r in _records(one) if 'train/loss' in r],
+                             rtol=1e-5)
