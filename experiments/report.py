@@ -27,6 +27,8 @@ def define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
   flags.DEFINE_string('results_dir', 'experiments/results', 'Suites live here.')
   flags.DEFINE_string('suite', 'fashion_mnist_lenet_cpu', 'Which suite to report.')
+  flags.DEFINE_string('readme', None, 'Also replace the tables between the markers '
+                      '<!-- BEGIN report:<suite> --> and <!-- END report:<suite> --> in this file.')
 
 _SEED = re.compile(r'_seed(\d+)$')
 GROUP_ORDER = ('parle_n3', 'entropy_sgd_n1', 'elastic_sgd_n3', 'sgd_n1', 'data_parallel_sgd_n3')
@@ -253,10 +255,27 @@ def report(results_dir: str, suite: str) -> str:
   return text
 
 
+def update_between_markers(path: str, suite: str, text: str) -> None:
+  """Replaces what stands between a suite's report markers in `path` by `text`."""
+  begin, end = f'<!-- BEGIN report:{suite} -->', f'<!-- END report:{suite} -->'
+  with open(path) as f:
+    content = f.read()
+  if content.count(begin) != 1 or content.count(end) != 1 or (
+      content.index(begin) > content.index(end)):
+    raise ValueError(f'{path} must hold the markers {begin} and {end} once each, in order.')
+  head, rest = content.split(begin)
+  tail = rest.split(end)[1]
+  with open(path, 'w') as f:
+    f.write(f'{head}{begin}\n{text}{end}{tail}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  print(report(FLAGS.results_dir, FLAGS.suite))
+  text = report(FLAGS.results_dir, FLAGS.suite)
+  if FLAGS.readme:
+    update_between_markers(FLAGS.readme, FLAGS.suite, text)
+  print(text)
 
 
 if __name__ == '__main__':

@@ -145,3 +145,13 @@ def test_gpu_suite_has_the_papers_budgets():
     plan = optimizers.make_plan(config, suite.FASHION_MNIST_TRAIN, 1)
     # 5 Parle epochs = 125 effective epochs; the SGD-type optimizers get 125 epochs.
     assert plan.effective_epochs(plan.total_rounds) == pytest.approx(125, rel=0.01), name
+
+
+def test_update_between_markers_replaces_only_the_suites_tables(tmp_path):
+  readme = tmp_path / 'README.md'
+  readme.write_text('intro\n<!-- BEGIN report:s -->\nold table\n<!-- END report:s -->\nrest\n')
+  report.update_between_markers(str(readme), 's', '| new |\n')
+  assert readme.read_text() == (
+      'intro\n<!-- BEGIN report:s -->\n| new |\n<!-- END report:s -->\nrest\n')
+  with pytest.raises(ValueError, match='must hold the markers'):
+    report.update_between_markers(str(readme), 'other', '| x |\n')
