@@ -15,10 +15,14 @@ plain Flax variables, loadable without any of parle_jax.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+
+
+_UNFINISHED_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's name for a checkpoint being written
 
 
 class Checkpointer:
@@ -33,11 +37,22 @@ class Checkpointer:
     if max_to_keep < 1:
       raise ValueError(f'`max_to_keep` must be >= 1, got {max_to_keep!r}.')
     self.directory = os.path.abspath(directory)
+    self._remove_unfinished()
+    # orbax's own clean-up of unfinished checkpoints runs in a background thread,
+    # which races with anything that patches the file system (TFDS's mock_data in
+    # tests); the synchronous clean-up above does the same job.
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False,
-                                             cleanup_tmp_directories=True))
+                                             enable_async_checkpointing=False))
+
+  def _remove_unfinished(self) -> None:
+    """Deletes checkpoints a killed process left half written (orbax's temporary dirs)."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if _UNFINISHED_SUFFIX in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def latest_round(self) -> Optional[int]:
     """The round of the newest complete checkpoint, or None."""
