@@ -130,11 +130,10 @@ class Experiment:
         self.model, self.replicas, state, self.test_arrays, mean=self.mean, std=self.std,
         bn_batches=self.bn_batches, batch_size=self.config.eval_batch_size, mapping=mapping,
         train_arrays=train_subset)
-    if self.config.train_eval_examples:
+    if train_subset is not None:
       results.update(evaluate.train_error_and_loss(
-          self.model, self.replicas, state, self.train_arrays, mean=self.mean, std=self.std,
-          batch_size=self.config.eval_batch_size,
-          max_examples=self.config.train_eval_examples, mapping=mapping))
+          self.model, self.replicas, state, train_subset, mean=self.mean, std=self.std,
+          batch_size=self.config.eval_batch_size, mapping=mapping))
     return results
 
   def reference_variables(self, state) -> dict[str, Any]:
@@ -144,11 +143,18 @@ class Experiment:
     return jax.device_get(variables)
 
 
-def _round_summary(plan, rounds_done, losses, errors, images_per_second) -> dict[str, Any]:
+def _progress(plan, rounds_done, train_seconds) -> dict[str, Any]:
+  """Where a run stands after `rounds_done` rounds: the fields of every record."""
   return {
       'epoch': plan.epochs(rounds_done),
       'effective_epochs': plan.effective_epochs(rounds_done),
       'gradient_evaluations': plan.gradient_evaluations(rounds_done),
+      'train_seconds': train_seconds,
+  }
+
+
+def _round_summary(losses, errors, images_per_second) -> dict[str, Any]:
+  return {
       'train/loss': float(np.mean(losses)), 'train/error': 100 * float(np.mean(errors)),
       'images_per_second': images_per_second,
   }
@@ -303,20 +309,15 @@ def _train(experiment: Experiment, workdir: str, config_json: str,
       final = rounds_done == plan.total_rounds
       if rounds_done % config.log_every_rounds == 0 or final:
         elapsed = time.perf_counter() - window_start
-        summary = _round_summary(plan, rounds_done, window_losses, window_errors,
-                                 len(window_losses) * samples_per_round / elapsed)
-        summary['train_seconds'] = train_seconds
+        summary = dict(_progress(plan, rounds_done, train_seconds), **_round_summary(
+            window_losses, window_errors, len(window_losses) * samples_per_round / elapsed))
         writer.write(rounds_done, summary)
         bar.set_postfix(epoch=f"{summary['epoch']:.2f}", loss=f"{summary['train/loss']:.3f}",
                         img_s=f"{summary['images_per_second']:.0f}")
         window_losses, window_errors, window_start = [], [], time.perf_counter()
       if rounds_done % eval_every == 0 or final:
         results = experiment.evaluate(state)
-        writer.write(rounds_done, dict(
-            results, epoch=plan.epochs(rounds_done),
-            effective_epochs=plan.effective_epochs(rounds_done),
-            gradient_evaluations=plan.gradient_evaluations(rounds_done),
-            train_seconds=train_seconds))
+        writer.write(rounds_done, dict(results, **_progress(plan, rounds_done, train_seconds)))
         if distributed.is_primary():
           bar.write(f"round {rounds_done} (epoch {plan.epochs(rounds_done):.2f}): reference "
                     f"test error {results['reference/test_error']:.2f}%, replicas "
