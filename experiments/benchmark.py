@@ -31,7 +31,6 @@ Example: ``python -m experiments.benchmark --models=lenet --replicas=1,2,3,4,8``
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -44,6 +43,7 @@ from absl import app, flags
 from jax import lax
 
 import parle_jax
+from experiments import machine
 from experiments import optimizers as experiment_optimizers
 from experiments.configs import base
 from parle_jax import models, training
@@ -69,12 +69,6 @@ flags.DEFINE_integer('optimizer_replicas', 3,
                      'n for parle, elastic_sgd and data_parallel_sgd in the images/s table.')
 flags.DEFINE_string('json_out', None, 'Optional path for all measurements as JSON.')
 FLAGS = flags.FLAGS
-
-
-def machine() -> dict[str, Any]:
-  device = jax.devices()[0]
-  return {'device_kind': device.device_kind, 'platform': device.platform,
-          'cpu_count': os.cpu_count(), 'jax_version': jax.__version__}
 
 
 def random_dataset(image_shape: Sequence[int], size: int, seed: int = 0) -> dict[str, Any]:
@@ -272,7 +266,7 @@ def run(model_names: Sequence[str], **settings) -> dict[str, Any]:
     raise ValueError(f'unknown optimizers {unknown}; expected some of {list(base.OPTIMIZERS)}')
   if settings.get('optimizer_replicas', 1) < 1:
     raise ValueError(f"`optimizer_replicas` must be >= 1, got {settings['optimizer_replicas']}.")
-  return {'machine': machine(),
+  return {'machine': machine.describe(),
           'settings': {k: list(v) if isinstance(v, (list, tuple)) else v
                        for k, v in settings.items()},
           'models': {name: benchmark_model(name, **settings) for name in model_names}}
@@ -322,7 +316,7 @@ def format_report(results: dict[str, Any]) -> str:
                      f"{t['ms_per_step']:>9.2f} {t['images_per_second']:>9.1f} {relative:>11}")
   m = results['machine']
   lines += ['', f"Ratios on {m['device_kind']} (platform {m['platform']}, "
-            f"{m['cpu_count']} CPUs, jax {m['jax_version']}):"]
+            f"{m['cpu_count']} CPUs, jax {m['jax']}):"]
   for name, r in results['models'].items():
     q = r['ratios']
     ratio = lambda label, value, target: f'  {name:<9} {label:<38} = {value:5.2f}  ' + (

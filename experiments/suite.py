@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import socket
 import time
 from typing import Callable, Iterator
 
@@ -35,7 +33,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from experiments import optimizers, train
+from experiments import machine, optimizers, train
 from experiments.configs import fashion_mnist_lenet, fashion_mnist_wrn16_4
 
 FLAGS = flags.FLAGS
@@ -115,18 +113,9 @@ SUITES: dict[str, Callable[..., Iterator[tuple[str, ml_collections.ConfigDict]]]
 }
 
 
-def machine() -> dict:
-  """What a run ran on, for the report."""
-  device = jax.devices()[0]
-  return {'platform': device.platform, 'device_kind': device.device_kind,
-          'device_count': jax.device_count(), 'cpu_count': os.cpu_count(),
-          'processor': platform.processor() or platform.machine(),
-          'hostname': socket.gethostname(), 'jax': jax.__version__}
-
-
 def _summary(results: dict, started: float, load_before) -> dict:
   scalars = {k: v for k, v in results.items() if k != 'sgd_baselines'}
-  return dict(scalars, machine=machine(), wall_seconds=time.time() - started,
+  return dict(scalars, machine=machine.describe(), wall_seconds=time.time() - started,
               load_average_start=load_before, load_average_end=os.getloadavg())
 
 

@@ -57,7 +57,8 @@ def timings(tree, key=''):
 
 def test_json_structure(report):
   _, results = report
-  assert set(results['machine']) == {'device_kind', 'platform', 'cpu_count', 'jax_version'}
+  assert set(results['machine']) == {'platform', 'device_kind', 'device_count', 'cpu_count',
+                                    'processor', 'hostname', 'jax'}
   assert results['settings']['L'] == L and results['settings']['replicas'] == [N]
   assert list(results['models']) == ['lenet']
   lenet = results['models']['lenet']
