@@ -29,3 +29,13 @@ def fashion_mnist_data_dir(tmp_path_factory):
   for split in ('train', 'test'):
     data.load('fashion_mnist', split, data_dir)
   return data_dir
+
+
+@pytest.fixture(scope='module')
+def fashion(fashion_mnist_data_dir):
+  """Fashion-MNIST prepared by the local builder (above), loaded from its cache."""
+  from parle_jax import data
+  data_dir = fashion_mnist_data_dir
+  train = data.load('fashion_mnist', 'train', data_dir)
+  test = data.load('fashion_mnist', 'test', data_dir)
+  return data_dir, train, test
