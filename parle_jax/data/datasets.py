@@ -42,7 +42,7 @@ class DatasetInfo:
     train_split: TFDS split (or split expression) used for training.
     test_split: TFDS split used for evaluation.
     augment: whether the paper trains on this dataset with random flips and
-      pad-and-crop (see :func:`make_batch_fn`).
+      pad-and-crop (see :func:`parle_jax.data.sampling.make_batch_fn`).
   """
 
   name: str

@@ -169,7 +169,7 @@ def device_data(arrays: Mapping[str, np.ndarray], mean: Any, std: Any,
 
   Args:
     arrays: the training split, ``{'image': uint8 [N, H, W, C], 'label':
-      int [N]}``, e.g. from :func:`load`.
+      int [N]}``, e.g. from :func:`parle_jax.data.datasets.load`.
     mean: per-channel mean [C], from :func:`channel_stats`.
     std: per-channel std [C], from :func:`channel_stats`.
     subsets: optional int [n_replicas, M] indices from :func:`make_subsets`;
@@ -303,7 +303,7 @@ def eval_batches(arrays: Mapping[str, np.ndarray],
 
   Args:
     arrays: ``{'image': uint8 [N, H, W, C], 'label': int [N]}``, e.g. from
-      :func:`load`.
+      :func:`parle_jax.data.datasets.load`.
     batch_size: examples per batch B, >= 1.
 
   Returns:
