@@ -88,7 +88,6 @@ class Experiment:
                                   config.seed)
     self.device_data = self.replicas.broadcast(
         data.device_data(self.train_arrays, self.mean, self.std, subsets))
-    self.learning_rate_scale = 1.0
     self.tx, self.round_fn = self._build_round(config)
     bn_count = config.bn_recompute_batches * self.plan.batch_size
     chosen = np.random.default_rng(config.seed).permutation(num_train)[:bn_count]
@@ -110,7 +109,6 @@ class Experiment:
     config.inner_learning_rate *= scale
     mapping = None if self.round_fn.mapping == 'auto' else self.round_fn.mapping
     self.tx, self.round_fn = self._build_round(config, mapping)
-    self.learning_rate_scale = scale
 
   def init_state(self) -> parle_jax.ReplicaState:
     params, model_state = training.init_replica_variables(
