@@ -90,6 +90,8 @@ def test_bad_model_kwargs_are_named():
     (dict(optimizer='data_parallel_sgd', num_replicas=3, batch_size=128), 8,
      'config.batch_size=128 must be divisible by the 3'),
     (dict(optimizer='sgd', num_replicas=2), 8, "config.optimizer='sgd' trains one model"),
+    (dict(optimizer='elastic_sgd', num_replicas=6, mapping='sequential'), 1,
+     "mapping='sequential' cannot run elastic_sgd"),
     (dict(batch_size=100000), 8, 'config.batch_size=100000 exceeds the 60000 training examples'),
     (dict(data_fraction=0.001, batch_size=128), 8, 'exceeds the 60 training examples'),
 ])

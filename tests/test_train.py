@@ -147,42 +147,6 @@ def test_sgd_baseline_gets_the_same_gradient_budget():
       total / 3, rel=0.05)
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('dataset', 'imagenet', "config.dataset='imagenet' is invalid: choose one of"),
-    ('model', 'resnet50', "config.model='resnet50' is invalid"),
-    ('optimizer', 'adam', "config.optimizer='adam' is invalid"),
-    ('mapping', 'pmap', "config.mapping='pmap'"),
-    ('L', 0, 'config.L=0 is invalid: must be an integer >= 1'),
-    ('num_replicas', 0, 'config.num_replicas=0'),
-    ('batch_size', -1, 'config.batch_size=-1'),
-    ('learning_rate', -0.1, 'config.learning_rate=-0.1'),
-    ('data_fraction', 1.5, r'config.data_fraction=1.5 is invalid: must be in \(0, 1\]'),
-    ('data_fraction', 0.0, 'config.data_fraction=0.0'),
-    ('alpha', 1.0, r'config.alpha=1.0 is invalid: must be in \[0, 1\)'),
-    ('epochs', 0.0, 'config.epochs=0.0'),
-    ('lr_drop_epochs', (3, 1), 'config.lr_drop_epochs'),
-])
-def test_bad_config_fields_raise(field, value, message):
-  config = fashion_mnist_lenet.get_config()
-  config[field] = value
-  with pytest.raises(ValueError, match=message):
-    base.validate(config)
-
-
-@pytest.mark.parametrize('overrides, message', [
-    (dict(optimizer='sgd', num_replicas=3), "optimizer='sgd' trains one model"),
-    (dict(optimizer='data_parallel_sgd', num_replicas=3), 'must be divisible by the 3'),
-    (dict(optimizer='elastic_sgd', num_replicas=6, mapping='sequential'),
-     "mapping='sequential' cannot run elastic_sgd"),
-    (dict(batch_size=100000), 'exceeds the 60000 training examples'),
-])
-def test_impossible_settings_raise(overrides, message):
-  config = fashion_mnist_lenet.get_config()
-  config.update(overrides)
-  with pytest.raises(ValueError, match=message):
-    optimizers.make_plan(config, 60000, 1)
-
-
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
   monkeypatch.setenv('PARLE_FASHION_MNIST_DIR', str(tmp_path / 'empty'))
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', _no_network)
