@@ -152,6 +152,7 @@ def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_d
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  train.quiet_orbax_logs()
   run_suite(FLAGS.suite, FLAGS.runs_dir, FLAGS.results_dir, [int(s) for s in FLAGS.seeds],
             FLAGS.only, FLAGS.data_dir)
 

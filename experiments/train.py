@@ -379,14 +379,18 @@ def _compare_to_sgd(config, plan, results, workdir) -> dict[str, Any]:
   return runs
 
 
+def quiet_orbax_logs() -> None:
+  """Keeps only orbax's warnings in the absl log (it logs every step of every save at INFO)."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _WORKDIR.value is None or _CONFIG.value is None:
     raise app.UsageError('--config and --workdir are required.')
-  # orbax logs every step of every save at INFO; keep its warnings only.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
+  quiet_orbax_logs()
   distributed.initialize()  # several processes if the flags or the environment say so
   if not distributed.is_primary():
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story
