@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from experiments import distributed, faults, optimizers, train
 from experiments.configs import base, fashion_mnist_lenet
 from parle_jax import checkpoint, data
-from test_train import MOCK_EXAMPLES, tiny
+from test_train import MOCK_EXAMPLES, tiny, train_command
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -334,12 +334,9 @@ def _start_processes(workdir, overrides, logs, num_processes=2):
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   processes = []
   for index in range(num_processes):
-    args = [sys.executable, '-m', 'experiments.train',
-            f'--config={REPO}/experiments/configs/fashion_mnist_lenet.py',
-            f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
-            f'--num_processes={num_processes}', f'--process_id={index}',
-            '--heartbeat_timeout_seconds=10', '--initialization_timeout=120'] + [
-                f'--config.{k}={v}' for k, v in overrides.items()]
+    args = train_command(workdir, overrides, f'--coordinator_address=127.0.0.1:{port}',
+                         f'--num_processes={num_processes}', f'--process_id={index}',
+                         '--heartbeat_timeout_seconds=10', '--initialization_timeout=120')
     with open(logs / f'launch{len(list(logs.iterdir())) // num_processes}_{index}.log',
               'w') as log:
       processes.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=log,

@@ -180,12 +180,16 @@ def test_real_fashion_mnist_run_learns(fashion_mnist_data_dir, tmp_path):
   assert results['distance/l2_mean'] > 0 and results['distance/cosine_mean'] > 0.9
 
 
+def train_command(workdir, config_overrides, *flags) -> list[str]:
+  """The command line of experiments.train on the LeNet config, with `flags` and overrides."""
+  return [sys.executable, '-m', 'experiments.train',
+          f'--config={REPO}/experiments/configs/fashion_mnist_lenet.py', f'--workdir={workdir}',
+          *flags] + [f'--config.{k}={v}' for k, v in config_overrides.items()]
+
+
 def _launch(config_overrides, workdir, data_dir, log):
   """Starts the binary in a subprocess, its output going to the file `log`."""
-  args = [sys.executable, '-m', 'experiments.train',
-          f'--config={REPO}/experiments/configs/fashion_mnist_lenet.py', f'--workdir={workdir}',
-          f'--config.data_dir={data_dir}'] + [f'--config.{k}={v}'
-                                              for k, v in config_overrides.items()]
+  args = train_command(workdir, config_overrides, f'--config.data_dir={data_dir}')
   return subprocess.Popen(args, cwd=REPO, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
 
 
