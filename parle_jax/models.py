@@ -13,6 +13,12 @@ arXiv:1707.00424) is evaluated on four networks, reproduced here:
   residual networks" (arXiv:1605.07146); WRN-28-10 on CIFAR and WRN-16-4 on
   SVHN in the paper.
 
+Every network has a ``conv`` field choosing how its convolutions run
+(:mod:`parle_jax.conv`): ``'xla'`` (the backend's own), ``'matmul'`` (one
+matmul over image patches, fast on CPU) or ``'auto'`` (``'matmul'`` on CPU,
+``'xla'`` elsewhere). The variables and the results are the same either way,
+to float rounding, so a checkpoint trained with one runs with the other.
+
 Every module is called as ``model.apply(variables, x, train=...)`` with
 float32 NHWC images and returns logits of shape ``[B, num_classes]``. The
 variables are exactly ``{'params', 'batch_stats'}``: batch norm keeps its
@@ -25,11 +31,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from parle_jax import conv as conv_lib
 
 # PyTorch's BatchNorm defaults: running = 0.9 * running + 0.1 * batch.
 _BN_MOMENTUM = 0.9
@@ -58,14 +67,17 @@ def _check_positive(field: str, value: int) -> None:
     raise ValueError(f'{field} must be >= 1, got {value!r}')
 
 
-def _conv(features: int, kernel_size: int, strides: int = 1, **kwargs: Any) -> nn.Conv:
+def _conv(features: int, kernel_size: int, strides: int = 1, *, conv: str,
+          **kwargs: Any) -> nn.Conv:
   """Bias-free square convolution with PyTorch-style symmetric padding.
 
-  The padding keeps the spatial size at stride 1; ``kwargs`` go to ``nn.Conv``.
+  The padding keeps the spatial size at stride 1; `conv` is the
+  implementation (:mod:`parle_jax.conv`); ``kwargs`` go to ``nn.Conv``.
   """
   pad = (kernel_size - 1) // 2
   return nn.Conv(features, (kernel_size, kernel_size), strides=strides,
-                 padding=((pad, pad), (pad, pad)), use_bias=False, **kwargs)
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 conv_general_dilated=conv_lib.conv_general_dilated_fn(conv), **kwargs)
 
 
 def _max_pool(x: jax.Array, window: int) -> jax.Array:
@@ -96,16 +108,19 @@ class LeNet(nn.Module):
 
   num_classes: int = 10
   dropout: float = 0.25
+  conv: str = 'auto'
 
   def __post_init__(self) -> None:
     _check_positive('num_classes', self.num_classes)
     _check_rate('dropout', self.dropout)
+    conv_lib.check_conv(self.conv)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    conv = conv_lib.conv_general_dilated_fn(self.conv)
     for features, pool in ((20, 3), (50, 2)):
-      x = nn.Conv(features, (5, 5), padding='VALID')(x)
+      x = nn.Conv(features, (5, 5), padding='VALID', conv_general_dilated=conv)(x)
       x = nn.relu(_batch_norm(train)(x))
       x = _max_pool(x, pool)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -122,10 +137,11 @@ class ConvBN(nn.Module):
   features: int
   kernel_size: int
   strides: int = 1
+  conv: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    x = _conv(self.features, self.kernel_size, self.strides)(x)
+    x = _conv(self.features, self.kernel_size, self.strides, conv=self.conv)(x)
     return nn.relu(_batch_norm(train)(x))
 
 
@@ -142,30 +158,34 @@ class AllCNN(nn.Module):
   num_classes: int = 10
   input_dropout: float = 0.2
   dropout: float = 0.5
+  conv: str = 'auto'
 
   def __post_init__(self) -> None:
     _check_positive('num_classes', self.num_classes)
     _check_rate('input_dropout', self.input_dropout)
     _check_rate('dropout', self.dropout)
+    conv_lib.check_conv(self.conv)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    conv_bn = functools.partial(ConvBN, conv=self.conv)
     x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
     for features in (96, 192):
-      x = ConvBN(features, 3)(x, train=train)
-      x = ConvBN(features, 3)(x, train=train)
-      x = ConvBN(features, 3, strides=2)(x, train=train)
+      x = conv_bn(features, 3)(x, train=train)
+      x = conv_bn(features, 3)(x, train=train)
+      x = conv_bn(features, 3, strides=2)(x, train=train)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = ConvBN(192, 3)(x, train=train)
-    x = ConvBN(192, 1)(x, train=train)
-    x = ConvBN(self.num_classes, 1)(x, train=train)
+    x = conv_bn(192, 3)(x, train=train)
+    x = conv_bn(192, 1)(x, train=train)
+    x = conv_bn(self.num_classes, 1)(x, train=train)
     return _global_avg_pool(x)
 
 
-def _wrn_conv(features: int, kernel_size: int, strides: int, name: str) -> nn.Conv:
+def _wrn_conv(features: int, kernel_size: int, strides: int, name: str, conv: str) -> nn.Conv:
   """Wide-ResNet convolution: bias-free, He-initialised (fan_out)."""
-  return _conv(features, kernel_size, strides, kernel_init=_he_normal_fan_out, name=name)
+  return _conv(features, kernel_size, strides, conv=conv, kernel_init=_he_normal_fan_out,
+               name=name)
 
 
 class WideBasicBlock(nn.Module):
@@ -179,18 +199,19 @@ class WideBasicBlock(nn.Module):
   features: int
   strides: int
   dropout: float
+  conv: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     preact = nn.relu(_batch_norm(train, name='bn1')(x))
     if x.shape[-1] != self.features or self.strides != 1:
-      shortcut = _wrn_conv(self.features, 1, self.strides, 'shortcut')(preact)
+      shortcut = _wrn_conv(self.features, 1, self.strides, 'shortcut', self.conv)(preact)
     else:
       shortcut = x
-    y = _wrn_conv(self.features, 3, self.strides, 'conv1')(preact)
+    y = _wrn_conv(self.features, 3, self.strides, 'conv1', self.conv)(preact)
     y = nn.relu(_batch_norm(train, name='bn2')(y))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = _wrn_conv(self.features, 3, 1, 'conv2')(y)
+    y = _wrn_conv(self.features, 3, 1, 'conv2', self.conv)(y)
     return shortcut + y
 
 
@@ -206,6 +227,7 @@ class WideResNet(nn.Module):
   width: int = 10
   num_classes: int = 10
   dropout: float = 0.0
+  conv: str = 'auto'
 
   def __post_init__(self) -> None:
     if self.depth < 10 or (self.depth - 4) % 6 != 0:
@@ -214,17 +236,18 @@ class WideResNet(nn.Module):
     _check_positive('width', self.width)
     _check_positive('num_classes', self.num_classes)
     _check_rate('dropout', self.dropout)
+    conv_lib.check_conv(self.conv)
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     blocks_per_group = (self.depth - 4) // 6
-    x = _wrn_conv(16, 3, 1, 'stem')(x)
+    x = _wrn_conv(16, 3, 1, 'stem', self.conv)(x)
     for group, (multiplier, strides) in enumerate(((16, 1), (32, 2), (64, 2))):
       for block in range(blocks_per_group):
         x = WideBasicBlock(features=multiplier * self.width,
                            strides=strides if block == 0 else 1,
-                           dropout=self.dropout,
+                           dropout=self.dropout, conv=self.conv,
                            name=f'group{group}_block{block}')(x, train=train)
     x = nn.relu(_batch_norm(train, name='bn_final')(x))
     x = _global_avg_pool(x)
@@ -267,3 +290,67 @@ def _jitted_init(model: nn.Module, rng: jax.Array,
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init({'params': rng}, dummy, train=False)
   return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+class LayerShape(NamedTuple):
+  """One convolution or dense layer of a forward pass, as shapes.
+
+  Attributes:
+    name: the module's path, e.g. ``'Conv_0'`` or ``'group1_block0/conv1'``.
+    kind: ``'conv'`` or ``'dense'``.
+    input_shape: the layer's input, batch axis first.
+    kernel_shape: ``(kh, kw, C, D)`` for a convolution, ``(C, D)`` for a dense layer.
+    strides: ``(sh, sw)``; ``()`` for a dense layer.
+    padding: as given to ``nn.Conv`` (``'VALID'``, ``'SAME'`` or pairs); None for dense.
+    output_shape: the layer's output, batch axis first.
+  """
+
+  name: str
+  kind: str
+  input_shape: tuple[int, ...]
+  kernel_shape: tuple[int, ...]
+  strides: tuple[int, ...]
+  padding: Any
+  output_shape: tuple[int, ...]
+
+  @property
+  def forward_flops(self) -> int:
+    """Multiply-adds of the layer for one example, times 2."""
+    return 2 * int(np.prod(self.output_shape[1:-1], dtype=np.int64)) * int(
+        np.prod(self.kernel_shape, dtype=np.int64))
+
+
+def layer_shapes(model: nn.Module, image_shape: Sequence[int], batch: int = 1
+                 ) -> list[LayerShape]:
+  """The convolutions and dense layers of `model` on ``[batch, *image_shape]``, in call order.
+
+  Computed from shapes only (``jax.eval_shape``): nothing runs.
+
+  Examples:
+    >>> from parle_jax import models
+    >>> [(l.kind, l.kernel_shape) for l in models.layer_shapes(models.LeNet(), (28, 28, 1))]
+    [('conv', (5, 5, 1, 20)), ('conv', (5, 5, 20, 50)), ('dense', (200, 500)), ('dense', (500, 10))]
+  """
+  found: list[LayerShape] = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == '__call__' and isinstance(module, (nn.Conv, nn.Dense)):
+      x = args[0] if args else kwargs['inputs']
+      name = '/'.join(module.path)
+      if isinstance(module, nn.Conv):
+        strides = module.strides or 1
+        strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+        found.append(LayerShape(name, 'conv', tuple(x.shape),
+                                tuple(module.kernel_size) + (x.shape[-1], module.features),
+                                strides, module.padding, tuple(out.shape)))
+      else:
+        found.append(LayerShape(name, 'dense', tuple(x.shape), (x.shape[-1], module.features),
+                                (), None, tuple(out.shape)))
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, *image_shape)),
+                                      train=False))
+  return found
