@@ -121,8 +121,9 @@ def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
       the devices: ``replicas.broadcast(dataset)``).
     with_reference: also return the reference (mean of the replicas' params
       after the round), at the cost of a second all-reduce.
-    mapping: local mapping, default ``replicas.mapping``; ``'auto'`` times one
-      round of each mapping on the first call and keeps the faster.
+    mapping: local mapping, default ``replicas.mapping``; ``'auto'`` compiles
+      and runs one round of each mapping (on a copy of the state) at the first
+      call or :meth:`RoundFn.warm_up`, and keeps the faster.
 
   Returns:
     A :class:`RoundFn`: ``round_fn(state, data) -> (state, metrics)`` (plus the
@@ -184,20 +185,32 @@ class RoundFn:
   """A compiled fused round; call as ``round_fn(state, data)``.
 
   Attributes:
-    mapping: the local mapping in use (``'auto'`` until the first call
-      resolves it).
-    timings: seconds per round measured for each mapping when ``'auto'`` chose.
+    mapping: the local mapping in use (``'auto'`` until the first call or
+      :meth:`warm_up` resolves it). Setting it to another local mapping makes
+      the next call use (and compile) that one.
+    timings: seconds of one round of each mapping, when ``'auto'`` measured
+      them (each candidate runs one round on a copy of the state).
+    compile_seconds: seconds spent tracing and compiling each mapping's round.
   """
 
   def __init__(self, build, replicas, mapping, *, L, passes_batches, with_reference):
     self._build = build
     self._compiled = {}
     self.replicas = replicas
-    self.mapping = 'vmap' if mapping == 'auto' and replicas.per_device == 1 else mapping
+    self._mapping = 'vmap' if mapping == 'auto' and replicas.per_device == 1 else mapping
     self.L = L
     self.passes_batches = passes_batches
     self.with_reference = with_reference
     self.timings: dict[str, float] = {}
+    self.compile_seconds: dict[str, float] = {}
+
+  @property
+  def mapping(self) -> str:
+    return self._mapping
+
+  @mapping.setter
+  def mapping(self, mapping: str) -> None:
+    self._mapping = replicas_lib.check_mapping(mapping)
 
   def _fn(self, mapping):
     if mapping not in self._compiled:
@@ -214,49 +227,66 @@ class RoundFn:
             f'{list(expected)} (one mini-batch per replica and inner step).')
     return self.replicas.shard(batches)
 
-  def _choose_mapping(self, state, data, repeats: int = 1):
-    """Times each mapping on copies of the state; keeps the faster."""
-    for candidate in ('vmap', 'sequential'):
-      fn = self._fn(candidate)
-      trial = jax.tree.map(jnp.copy, state)
-      trial = jax.block_until_ready(fn(trial, data)[0])  # compile + warm up
-      start = time.perf_counter()
-      for _ in range(repeats):
-        trial = fn(trial, data)[0]
+  def _first_call(self, mapping: str, state, data) -> tuple[float, float]:
+    """Compiles `mapping`'s round and runs it once on a copy of `state`.
+
+    Returns (seconds to trace and compile, seconds to run). XLA runs the
+    round asynchronously, so the call returns once it is compiled and
+    dispatched; should a backend run it inline (nothing left to wait for),
+    a second round is timed instead.
+    """
+    trial = jax.tree.map(jnp.copy, state)
+    start = time.perf_counter()
+    trial = self._fn(mapping)(trial, data)[0]
+    dispatched = time.perf_counter()
+    jax.block_until_ready(trial)
+    done = time.perf_counter()
+    self.compile_seconds[mapping] = dispatched - start
+    if done - dispatched < 1e-3:
+      trial = self._fn(mapping)(trial, data)[0]
       jax.block_until_ready(trial)
-      self.timings[candidate] = (time.perf_counter() - start) / repeats
+      dispatched, done = done, time.perf_counter()
+    return dispatched - start, done - dispatched
+
+  def _choose_mapping(self, state, data):
+    """Compiles and runs one round of each mapping on copies of the state; keeps the faster."""
+    for candidate in replicas_lib.LOCAL_MAPPINGS:
+      self.timings[candidate] = self._first_call(candidate, state, data)[1]
     if jax.process_count() > 1:  # every process must run the same program: process 0's timings
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       agreed = multihost_utils.broadcast_one_to_all(np.asarray(list(self.timings.values())))
       self.timings = dict(zip(self.timings, (float(t) for t in np.asarray(agreed))))
-    self.mapping = min(self.timings, key=self.timings.get)
-    logging.info('round mapping: %s (seconds per round %s)', self.mapping, self.timings)
+    self._mapping = min(self.timings, key=self.timings.get)
+    logging.info('round mapping: %s (seconds per round %s; compiling took %s)', self._mapping,
+                 {m: round(t, 3) for m, t in self.timings.items()},
+                 {m: round(t, 1) for m, t in self.compile_seconds.items()})
 
   def warm_up(self, state: ReplicaState, data) -> float:
     """Compiles the round (choosing the mapping if ``'auto'``) on a copy of `state`.
 
     `state` itself is left untouched, so timing the calls that follow measures
-    training only. Returns the seconds spent.
+    training only. Returns the seconds spent (:attr:`compile_seconds` and
+    :attr:`timings` say on what).
     """
     start = time.perf_counter()
     if self.passes_batches:
       data = self._check_batches(data)
-    if self.mapping == 'auto':
+    if self._mapping == 'auto':
       self._choose_mapping(state, data)
-    else:
-      jax.block_until_ready(self._fn(self.mapping)(jax.tree.map(jnp.copy, state), data)[0])
+    elif self._mapping not in self.compile_seconds:
+      self._first_call(self._mapping, state, data)
     return time.perf_counter() - start
 
   def __call__(self, state: ReplicaState, data):
     if self.passes_batches:
       data = self._check_batches(data)
-    if self.mapping == 'auto':
+    if self._mapping == 'auto':
       self._choose_mapping(state, data)
-    return self._fn(self.mapping)(state, data)
+    return self._fn(self._mapping)(state, data)
 
   def lower(self, state, data, mapping: Optional[str] = None):
     """``jax.stages.Lowered`` of the round (e.g. to inspect its HLO)."""
     if self.passes_batches:
       data = self._check_batches(data)
-    mapping = mapping or ('vmap' if self.mapping == 'auto' else self.mapping)
+    mapping = mapping or ('vmap' if self._mapping == 'auto' else self._mapping)
     return self._fn(mapping).lower(state, data)
