@@ -143,33 +143,50 @@ def time_calls(fn: Callable, state: Any, repeats: int) -> tuple[dict[str, Any], 
           'median_s': statistics.median(times)}, state
 
 
-def time_optimizer(optimizer: str, *, loss_fn, variables, host_data, L: int, batch: int,
-                   num_replicas: int, repeats: int, device) -> dict[str, Any]:
-  """One training round of `optimizer` exactly as ``experiments.train`` builds it.
+def build_training_round(optimizer: str, *, loss_fn, variables, host_data, L: int, batch: int,
+                         num_replicas: int, device, mapping: str | None = None):
+  """One training round of `optimizer` exactly as ``experiments.train`` builds it, on `device`.
 
   Uses :mod:`experiments.optimizers` (plan, per-step transform, coupling) and
-  :func:`parle_jax.make_round` on one device. ``sgd`` and ``entropy_sgd``
-  train one model; the others `num_replicas` (data-parallel SGD: a global batch
-  of ``num_replicas * batch``, ``batch`` per worker). Images/s counts every
-  example whose gradient is computed.
+  :func:`parle_jax.make_round`. ``sgd`` and ``entropy_sgd`` train one model;
+  the others `num_replicas` (data-parallel SGD: a global batch of
+  ``num_replicas * batch``, ``batch`` per worker). `variables` hold at least
+  `num_replicas` replicas' (params, model_state) on axis 0.
+
+  Returns ``(round_fn, state, data, plan)``; ``round_fn(state, data)`` runs a round.
   """
   config = base.get_config()
   config.optimizer, config.L = optimizer, L
   n = 1 if optimizer in ('sgd', 'entropy_sgd') else num_replicas
   config.num_replicas = n
   config.batch_size = batch * n if optimizer == 'data_parallel_sgd' else batch
+  if mapping is not None:
+    config.mapping = mapping
   plan = experiment_optimizers.make_plan(config, len(host_data['label']), 1)
   replicas = parle_jax.Replicas(n, devices=[device], mapping=plan.mapping)
   tx, couple = experiment_optimizers.make_optimizer(config, plan, replicas.axis_name)
   first = 1 if plan.same_init else n
   params, model_state = jax.tree.map(lambda x: np.repeat(x[:first], n // first, axis=0),
-                                     variables)
+                                     jax.tree.map(lambda x: x[:n], variables))
   state = parle_jax.init_replicas(replicas, tx, params, model_state)
   round_fn = parle_jax.make_round(loss_fn, tx, replicas, L=L, couple=couple,
                                   batch_fn=make_batch_fn(plan.batch_size))
-  data = replicas.broadcast(host_data)
+  return round_fn, state, replicas.broadcast(host_data), plan
+
+
+def time_optimizer(optimizer: str, *, loss_fn, variables, host_data, L: int, batch: int,
+                   num_replicas: int, repeats: int, device) -> dict[str, Any]:
+  """One training round of `optimizer` as ``experiments.train`` builds it, timed.
+
+  See :func:`build_training_round`. Images/s counts every example whose
+  gradient is computed.
+  """
+  round_fn, state, data, plan = build_training_round(
+      optimizer, loss_fn=loss_fn, variables=variables, host_data=host_data, L=L, batch=batch,
+      num_replicas=num_replicas, device=device)
   round_fn.warm_up(state, data)  # compiles; 'auto' chooses its mapping
   timing, _ = time_calls(lambda s: round_fn(s, data)[0], state, repeats)
+  n = plan.num_replicas
   images = n * plan.batch_size * L
   return dict(timing, replicas=n, batch_per_replica=plan.batch_size, mapping=round_fn.mapping,
               images_per_second=images / timing['median_s'],

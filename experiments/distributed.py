@@ -175,3 +175,27 @@ def primary_first(fn: Callable[[], _T], name: str, timeout_seconds: int = 3600) 
     return result
   barrier(name, timeout_seconds)
   return fn()
+
+
+def enable_compilation_cache(directory: Optional[str]) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `directory`; returns it (None: off).
+
+  None means ``$PARLE_COMPILATION_CACHE``, else ``~/.cache/parle_jax/jax``; ``''``
+  turns the cache off. It stays off in multi-process CPU runs: their cache
+  keys differ between processes, so one process would load a program that the
+  others still compile, and gloo gives up on a first collective whose peers
+  arrive more than 30 s apart. Call after :func:`initialize`, before compiling.
+  """
+  if directory is None:
+    directory = os.environ.get('PARLE_COMPILATION_CACHE',
+                               os.path.expanduser('~/.cache/parle_jax/jax'))
+  if not directory:
+    return None
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    logging.info('compilation cache off: %d CPU processes (their cache keys differ)',
+                 jax.process_count())
+    return None
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', directory)
+  logging.info('compilation cache: %s', directory)
+  return directory

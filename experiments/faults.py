@@ -46,7 +46,7 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): run again to resume.
 # what is logged, evaluated or kept, how fast it runs, or how long it goes on,
 # never the trajectory of the rounds already trained.
 RESUMABLE_FIELDS = frozenset({
-    'progress_bar', 'data_dir', 'epochs', 'mapping', 'eval_every_rounds', 'eval_batch_size',
+    'progress_bar', 'data_dir', 'epochs', 'mapping', 'conv', 'eval_every_rounds', 'eval_batch_size',
     'train_eval_examples', 'bn_recompute_batches', 'log_every_rounds',
     'checkpoint_every_rounds', 'keep_checkpoints', 'compare_to_sgd', 'on_divergence',
     'rollback_lr_factor', 'max_rollbacks'})

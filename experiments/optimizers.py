@@ -24,6 +24,7 @@ in one pass over a replica's share of the training set.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Optional
@@ -130,6 +131,33 @@ def make_plan(config, num_train_examples: int, num_devices: int) -> Plan:
               batches_per_epoch=batches_per_epoch, rounds_per_epoch=rounds_per_epoch,
               examples_per_replica=examples, same_init=optimizer == 'data_parallel_sgd',
               mapping=mapping)
+
+
+# The paper's Parle runs last 5 Parle epochs; its scoping grows gamma and rho by
+# (1 + 0.5 / nb) per round, about e ** 2.5 = 12 over such a run.
+PAPER_PARLE_EPOCHS = 5
+
+
+def compress_to_rounds(config, rounds: int, num_train_examples: int, num_devices: int = 1):
+  """`config` trained for `rounds` rounds, its schedules compressed to fit them.
+
+  For budgets far below the paper's: the learning rates drop (by
+  config.lr_decay) at 50% and 75% of the run, and the scoping coefficients
+  grow over the run as they would over the paper's 5 Parle epochs
+  (``scoping_batches_per_epoch = rounds / 5``, counted in rounds for Parle and
+  Entropy-SGD and in steps for Elastic-SGD). Returns a new config.
+  """
+  if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+    raise ValueError(f'`rounds` must be an integer >= 1, got {rounds!r}.')
+  config = copy.deepcopy(config)
+  plan = make_plan(config, num_train_examples, num_devices)
+  with config.unlocked():
+    config.epochs = rounds / plan.rounds_per_epoch
+    config.lr_drop_epochs = (0.5 * config.epochs, 0.75 * config.epochs)
+    per_epoch = max(1, round(rounds / PAPER_PARLE_EPOCHS))
+    config.scoping_batches_per_epoch = per_epoch * (
+        1 if config.optimizer in _ENTROPY_TYPE else config.L)
+  return config
 
 
 def learning_rate_schedule(config, plan: Plan) -> optax.Schedule:

@@ -17,6 +17,10 @@ Suites:
   the paper's defaults on a budget a 2-core CPU can afford (``ROUNDS`` rounds of
   L=25 per run), plus the split-data runs (n=3 on 50%, n=6 on 25% of the data
   per replica).
+* ``fashion_mnist_lenet_sweep``: the budget sweep: Parle n=3 against SGD on
+  the mini-batches of one replica and on the same total, at ``SWEEP_ROUNDS``
+  rounds each (schedules compressed to each budget), the first seed at every
+  budget and all given seeds at the longest (run it with ``--seeds=0,1``).
 * ``fashion_mnist_gpu``: the paper's budget (5 Parle epochs = 125 effective
   epochs) for LeNet and WRN-16-4, for a GPU.
 """
@@ -50,26 +54,20 @@ def define_flags() -> None:
   flags.DEFINE_string('data_dir', '', 'config.data_dir for every run.')
 
 
-ROUNDS = 12  # rounds of L = 25 mini-batches per replica in the CPU suite
+ROUNDS = 120  # rounds of L = 25 mini-batches per replica in the CPU suite
+SWEEP_ROUNDS = (12, 50, 200, 469)  # 469 rounds: one Parle epoch, 25 passes per replica
 FASHION_MNIST_TRAIN = 60000
-# The paper's 5 Parle epochs grow the scoping coefficients by (1 + 0.5 / nb) ** (5 nb),
-# about e ** 2.5 = 12. Over ROUNDS rounds, nb = 2 gives 1.25 ** 12 = 14.6 instead.
-SCOPING_NB = 2
 
 
 def _scaled(config: ml_collections.ConfigDict, rounds: int) -> ml_collections.ConfigDict:
   """`config` trained for `rounds` rounds, its schedules compressed to fit them."""
-  plan = optimizers.make_plan(config, FASHION_MNIST_TRAIN, jax.device_count())
+  config = optimizers.compress_to_rounds(config, rounds, FASHION_MNIST_TRAIN, jax.device_count())
   with config.unlocked():
-    config.epochs = rounds / plan.rounds_per_epoch
-    config.lr_drop_epochs = (0.5 * config.epochs, 0.75 * config.epochs)
-    # Parle's scoping counts rounds, Elastic-SGD's steps: both reach the same values.
-    config.scoping_batches_per_epoch = SCOPING_NB * (
-        1 if config.optimizer in ('parle', 'entropy_sgd') else config.L)
-    config.eval_every_rounds = 3
+    config.eval_every_rounds = max(3, rounds // 20)
     config.log_every_rounds = 3
     config.train_eval_examples = 2000
-    config.checkpoint_every_rounds = 3
+    config.eval_batch_size = 250  # faster than 1000 on a 2-core CPU (its caches)
+    config.checkpoint_every_rounds = config.eval_every_rounds
     if config.optimizer == 'parle':
       config.mapping = 'sequential'  # what 'auto' chose in every CPU measurement
   return config
@@ -91,6 +89,20 @@ def _lenet_cpu_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
       yield f'parle_n{n}_data{round(fraction * 100)}_seed{seed}', _scaled(config, ROUNDS)
 
 
+def _lenet_sweep_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
+  """Parle n=3 and SGD on both budgets at each of SWEEP_ROUNDS (see the module docstring)."""
+  for rounds in SWEEP_ROUNDS:
+    for seed in (seeds if rounds == max(SWEEP_ROUNDS) else seeds[:1]):
+      config = fashion_mnist_lenet.get_config()
+      config.num_replicas, config.seed = 3, seed
+      config = _scaled(config, rounds)
+      yield f'parle_n3_r{rounds}_seed{seed}', config
+      plan = optimizers.make_plan(config, FASHION_MNIST_TRAIN, jax.device_count())
+      for name, per_replica in (('replica', True), ('total', False)):
+        yield (f'sgd_{name}_budget_r{rounds}_seed{seed}',
+               train.sgd_config_with_same_budget(config, plan, per_replica=per_replica))
+
+
 def _gpu_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
   """The paper's budgets on Fashion-MNIST for LeNet and WRN-16-4 (a GPU's work)."""
   for model, get_config in (('lenet', fashion_mnist_lenet.get_config),
@@ -109,6 +121,7 @@ def _gpu_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
 
 SUITES: dict[str, Callable[..., Iterator[tuple[str, ml_collections.ConfigDict]]]] = {
     'fashion_mnist_lenet_cpu': _lenet_cpu_runs,
+    'fashion_mnist_lenet_sweep': _lenet_sweep_runs,
     'fashion_mnist_gpu': _gpu_runs,
 }
 

@@ -42,10 +42,16 @@ import parle_jax
 from experiments import distributed, faults, metric_writer, optimizers
 from experiments.configs import base
 from parle_jax import checkpoint, data, evaluate, models, training
+from parle_jax import conv as conv_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and the model.')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache_dir', None,
+    "JAX's persistent compilation cache, so that a rerun or resumed run does not compile its "
+    "rounds again; default $PARLE_COMPILATION_CACHE or ~/.cache/parle_jax/jax; '' turns it off. "
+    'Off in multi-process CPU runs (see distributed.enable_compilation_cache).')
 _OVERWRITE = flags.DEFINE_bool(
     'overwrite', False, 'Delete the outputs of a previous run in --workdir and start afresh '
     '(without it, a workdir holding a run of another config is refused).')
@@ -61,11 +67,17 @@ def data_dir(config) -> str:
 
 
 class Experiment:
-  """Everything a run needs, built from a validated config."""
+  """Everything a run needs, built from a validated config.
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  `mapping` and `conv`, when given, replace config.mapping and config.conv
+  (a resumed run keeps what it started with, see :func:`started_with`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, mapping: Optional[str] = None,
+               conv: Optional[str] = None):
     base.validate(config)
     self.config = config
+    self.conv = conv_lib.resolve_conv(conv or config.conv)
     self.info = data.dataset_info(config.dataset)
     self.train_arrays, self.test_arrays = distributed.primary_first(  # prepares data once
         lambda: [data.load(config.dataset, split, data_dir(config))
@@ -75,8 +87,8 @@ class Experiment:
     self.plan = optimizers.make_plan(config, num_train, jax.device_count())
     self.replicas = parle_jax.Replicas(self.plan.num_replicas,
                                        devices=optimizers.select_devices(self.plan),
-                                       mapping=self.plan.mapping)
-    self.model = models.create_model(config.model, self.info.num_classes,
+                                       mapping=mapping or self.plan.mapping)
+    self.model = models.create_model(config.model, self.info.num_classes, conv=self.conv,
                                      **config.model_kwargs.to_dict())
     if config.compare_to_sgd and jax.process_count() > 1:
       raise ValueError(
@@ -139,6 +151,27 @@ class Experiment:
     variables, _ = evaluate.reference_variables(self.model, self.replicas, state,
                                                 self.bn_batches)
     return jax.device_get(variables)
+
+
+def started_with(config: ml_collections.ConfigDict, record: dict) -> dict[str, str]:
+  """The replica mapping and convolutions a resumed run keeps: those of its checkpoint.
+
+  ``'auto'`` in the config resumes with what it chose at the start (measured
+  then, not again); another explicit choice is used, with a warning that the
+  numbers will differ from an uninterrupted run's by float rounding.
+  """
+  kept = {}
+  for field in ('mapping', 'conv'):
+    started = record.get(field)
+    if started is None:
+      continue
+    if config[field] in ('auto', started):
+      kept[field] = started
+    else:
+      logging.warning('config.%s=%r, but this run started with %r: resuming with %r, so its '
+                      "numbers will differ from an uninterrupted run's by float rounding.",
+                      field, config[field], started, config[field])
+  return kept
 
 
 def _progress(plan, rounds_done, train_seconds) -> dict[str, Any]:
@@ -208,7 +241,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,
                                        keep_checkpoints=config.keep_checkpoints)
     try:
-      experiment = Experiment(config)
+      record = checkpointer.read_record() if checkpointer.latest_round() is not None else {}
+      experiment = Experiment(config, **started_with(config, record))
       state, results, train_seconds = _train(experiment, workdir, config_json, checkpointer,
                                              signals)
     finally:
@@ -220,7 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  rounds=plan.total_rounds, epochs=plan.epochs(plan.total_rounds),
                  effective_epochs=plan.effective_epochs(plan.total_rounds),
                  gradient_evaluations=plan.gradient_evaluations(plan.total_rounds),
-                 train_seconds=train_seconds, mapping=experiment.round_fn.mapping)
+                 train_seconds=train_seconds, mapping=experiment.round_fn.mapping,
+                 conv=experiment.conv,
+                 compile_seconds=sum(experiment.round_fn.compile_seconds.values()))
   if distributed.is_primary():
     print(f"{plan.optimizer} ({plan.num_replicas} replica{'s' * (plan.num_replicas > 1)}, "
           f"{results['effective_epochs']:.1f} effective epochs): reference test error "
@@ -250,7 +286,8 @@ def _train(experiment: Experiment, workdir: str, config_json: str,
   def save():
     checkpointer.save(rounds_done, replicas.to_global(state), {
         'config': json.loads(config_json), 'train_seconds': train_seconds,
-        'rollbacks': rollbacks, 'learning_rate_scale': lr_scale})
+        'rollbacks': rollbacks, 'learning_rate_scale': lr_scale,
+        'mapping': experiment.round_fn.mapping, 'conv': experiment.conv})
 
   eval_every = config.eval_every_rounds or max(1, round(plan.rounds_per_epoch))
   samples_per_round = plan.steps_per_round * plan.batch_size * plan.num_replicas
@@ -262,9 +299,12 @@ def _train(experiment: Experiment, workdir: str, config_json: str,
     while rounds_done < plan.total_rounds:
       if not compiled:  # compile (and time the mappings) outside the clock
         distributed.barrier('compile')  # start together: see distributed.barrier
-        warm_up_seconds = experiment.round_fn.warm_up(state, experiment.device_data)
-        logging.info('compiled the round in %.1f s; mapping %s', warm_up_seconds,
-                     experiment.round_fn.mapping)
+        round_fn = experiment.round_fn
+        warm_up_seconds = round_fn.warm_up(state, experiment.device_data)
+        logging.info('compiled the round in %.1f s (of which compiling %.1f s, choosing the '
+                     'mapping %.1f s): mapping %s, %s convolutions', warm_up_seconds,
+                     sum(round_fn.compile_seconds.values()), sum(round_fn.timings.values()),
+                     round_fn.mapping, experiment.conv)
         window_losses, window_errors, window_start = [], [], time.perf_counter()
         compiled = True
       round_start = time.perf_counter()
@@ -344,7 +384,8 @@ def sgd_config_with_same_budget(config, plan, *, per_replica: bool = False
 
   All of them (the same compute on one device), or with ``per_replica`` those
   of one replica (what ``n`` parallel workers do in the same wall-clock time).
-  The learning rate drops at the same fractions of the run.
+  The learning rate drops, and the evaluations happen, at the same fractions
+  of the run.
   """
   budget = plan.gradient_evaluations(plan.total_rounds)
   if per_replica:
@@ -356,7 +397,10 @@ def sgd_config_with_same_budget(config, plan, *, per_replica: bool = False
     sgd.epochs = budget / plan.batches_per_epoch  # same batch size, one pass = nb steps
     scale = sgd.epochs / config.epochs
     sgd.lr_drop_epochs = tuple(e * scale for e in config.lr_drop_epochs)
-    sgd.eval_every_rounds = 0  # once per SGD epoch, and at the end
+    # Evaluations at the same fractions of the run as `config`'s (0: once per epoch).
+    sgd_rounds = budget / config.L
+    sgd.eval_every_rounds = config.eval_every_rounds and max(
+        1, round(config.eval_every_rounds * sgd_rounds / plan.total_rounds))
   return sgd
 
 
@@ -392,6 +436,7 @@ def main(argv):
     raise app.UsageError('--config and --workdir are required.')
   quiet_orbax_logs()
   distributed.initialize()  # several processes if the flags or the environment say so
+  distributed.enable_compilation_cache(_COMPILATION_CACHE.value)
   if not distributed.is_primary():
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story
   return faults.exit_code(

@@ -8,6 +8,9 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The training binary's persistent compilation cache stays off in the tests (no
+# writes into the home directory); tests that want it pass a directory.
+os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 
 
 import pathlib  # noqa: E402

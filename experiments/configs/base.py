@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from parle_jax import data, models
+from parle_jax.conv import CONV_IMPLEMENTATIONS
 from parle_jax.replicas import MAPPINGS
 
 OPTIMIZERS = ('parle', 'entropy_sgd', 'elastic_sgd', 'sgd', 'data_parallel_sgd')
@@ -48,6 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.noise = 0.0
   config.mapping = 'auto'  # local replica mapping: auto | vmap | sequential
+  # Convolutions: auto (one matmul over patches on CPU, the backend's own elsewhere) |
+  # xla | matmul (parle_jax.conv). A resumed run keeps what 'auto' chose at its start.
+  config.conv = 'auto'
   config.seed = 0
   # Evaluation, logging, checkpoints.
   config.eval_every_rounds = 0  # 0: once per epoch of the optimizer
@@ -128,6 +132,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   for field, choices in (('dataset', sorted(data.DATASETS)), ('model', list(models.MODELS)),
                          ('optimizer', list(OPTIMIZERS)), ('mapping', list(MAPPINGS)),
+                         ('conv', list(CONV_IMPLEMENTATIONS)),
                          ('on_divergence', list(ON_DIVERGENCE))):
     if not isinstance(config[field], str) or config[field] not in choices:
       fail(field, f'choose one of {choices}')
@@ -154,7 +159,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail('data_dir', "must be a path ('' for $PARLE_DATA_DIR or ~/tensorflow_datasets)")
   try:
     models.create_model(config.model, data.DATASETS[config.dataset].num_classes,
-                        **config.model_kwargs.to_dict())
+                        conv=config.conv, **config.model_kwargs.to_dict())
   except (TypeError, ValueError) as err:
     raise ValueError(f'config.model_kwargs={config.model_kwargs.to_dict()!r} is invalid for '
                      f'config.model={config.model!r}: {err}') from None
