@@ -56,19 +56,23 @@ MAPPINGS = parle_jax.replicas.LOCAL_MAPPINGS
 TARGET_PARLE_VS_SGD = 1.10
 TARGET_REPLICA_SCALING = 1.05
 
-flags.DEFINE_list('models', ['lenet', 'wrn16_4'], f'Models to time, of {list(MODELS)}.')
-flags.DEFINE_integer('L', 25, 'Inner steps per round (one dispatch).')
-flags.DEFINE_integer('batch', 128, 'Examples per replica and step.')
-flags.DEFINE_list('replicas', ['3'], 'Replica counts n to put on one device, e.g. 1,2,3,4,8.')
-flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median reported).')
-flags.DEFINE_list('wrn_image_shape', ['28', '28', '1'], 'WRN input H,W,C (32,32,3 for CIFAR).')
-flags.DEFINE_integer('dataset_size', 2048, 'Random examples kept on the device.')
-flags.DEFINE_list('optimizers', list(base.OPTIMIZERS),
-                  'Optimizers whose training rounds to time (images/s); empty: none.')
-flags.DEFINE_integer('optimizer_replicas', 3,
-                     'n for parle, elastic_sgd and data_parallel_sgd in the images/s table.')
-flags.DEFINE_string('json_out', None, 'Optional path for all measurements as JSON.')
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  flags.DEFINE_list('models', ['lenet', 'wrn16_4'], f'Models to time, of {list(MODELS)}.')
+  flags.DEFINE_integer('L', 25, 'Inner steps per round (one dispatch).')
+  flags.DEFINE_integer('batch', 128, 'Examples per replica and step.')
+  flags.DEFINE_list('replicas', ['3'], 'Replica counts n to put on one device, e.g. 1,2,3,4,8.')
+  flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median reported).')
+  flags.DEFINE_list('wrn_image_shape', ['28', '28', '1'], 'WRN input H,W,C (32,32,3 for CIFAR).')
+  flags.DEFINE_integer('dataset_size', 2048, 'Random examples kept on the device.')
+  flags.DEFINE_list('optimizers', list(base.OPTIMIZERS),
+                    'Optimizers whose training rounds to time (images/s); empty: none.')
+  flags.DEFINE_integer('optimizer_replicas', 3,
+                       'n for parle, elastic_sgd and data_parallel_sgd in the images/s table.')
+  flags.DEFINE_string('json_out', None, 'Optional path for all measurements as JSON.')
 
 
 def random_dataset(image_shape: Sequence[int], size: int, seed: int = 0) -> dict[str, Any]:
@@ -362,4 +366,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -30,6 +30,8 @@ def report(tmp_path_factory):
   time. The benchmark itself runs the models as defined, with JAX's default PRNG.
   """
   path = tmp_path_factory.mktemp('benchmark') / 'results.json'
+  if 'optimizer_replicas' not in flags.FLAGS:
+    benchmark.define_flags()
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   out = io.StringIO()

@@ -62,6 +62,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     ('lr_drop_epochs', (0, 1), 'config.lr_drop_epochs'),
     ('data_dir', None, 'config.data_dir=None is invalid: must be a path'),
     ('progress_bar', None, 'config.progress_bar=None is invalid: must be True or False'),
+    ('conv', 'cudnn', r"config.conv='cudnn' is invalid: choose one of \['auto', 'xla', 'matmul'\]"),
 ])
 def test_bad_config_field_is_named_with_its_value(field, value, message):
   """ConfigDict refuses values of another type itself (e.g. L=2.5); None and bools pass it."""

@@ -102,9 +102,30 @@ def test_cpu_suite_runs_the_same_rounds_with_compressed_schedules():
     drops = [round(e * plan.rounds_per_epoch) for e in config.lr_drop_epochs]
     assert drops == [suite.ROUNDS // 2, 3 * suite.ROUNDS // 4], name
   # Parle's coefficients grow over the run about as over the paper's 5 epochs (e^2.5 = 12.2).
-  assert (1 + 0.5 / runs['parle_n3_seed0'].scoping_batches_per_epoch) ** suite.ROUNDS == (
-      pytest.approx(14.55, abs=0.01))
-  assert runs['elastic_sgd_n3_seed0'].scoping_batches_per_epoch == 25 * 2
+  nb = runs['parle_n3_seed0'].scoping_batches_per_epoch
+  assert nb == suite.ROUNDS // 5
+  assert (1 + 0.5 / nb) ** suite.ROUNDS == pytest.approx(np.exp(2.5), rel=0.05)
+  assert runs['elastic_sgd_n3_seed0'].scoping_batches_per_epoch == 25 * nb  # counted in steps
+
+
+def test_sweep_runs_parle_and_sgd_on_both_budgets_at_each_length():
+  runs = dict(suite._lenet_sweep_runs([0, 1]))
+  longest = max(suite.SWEEP_ROUNDS)
+  expected = [f'{kind}_r{rounds}_seed{seed}' for rounds in suite.SWEEP_ROUNDS
+              for seed in ([0, 1] if rounds == longest else [0])
+              for kind in ('parle_n3', 'sgd_replica_budget', 'sgd_total_budget')]
+  assert list(runs) == expected
+  for rounds in suite.SWEEP_ROUNDS:
+    parle = optimizers.make_plan(runs[f'parle_n3_r{rounds}_seed0'], suite.FASHION_MNIST_TRAIN, 1)
+    assert parle.total_rounds == rounds and parle.num_replicas == 3
+    steps = rounds * 25  # mini-batches of one replica
+    for kind, gradients in (('sgd_replica_budget', steps), ('sgd_total_budget', 3 * steps)):
+      config = runs[f'{kind}_r{rounds}_seed0']
+      plan = optimizers.make_plan(config, suite.FASHION_MNIST_TRAIN, 1)
+      assert config.optimizer == 'sgd' and plan.num_replicas == 1
+      assert plan.gradient_evaluations(plan.total_rounds) == pytest.approx(gradients, rel=0.01)
+      drops = [e / config.epochs for e in config.lr_drop_epochs]
+      assert drops == pytest.approx([0.5, 0.75])
 
 
 def test_run_suite_keeps_raw_files_and_skips_finished_runs(tmp_path, monkeypatch):

@@ -178,8 +178,11 @@ def test_auto_mapping_times_both_and_matches(problem):
   round_fn = parle_jax.parle_round(problems.loss_fn, parts, replicas)
   state = parle_jax.init_replicas(replicas, parts.inner, problems.to_params(x0))
   state, _ = round_fn(state, problems.to_batches(inputs, targets, slice(0, L)))
-  assert set(round_fn.timings) == {'vmap', 'sequential'}
+  assert set(round_fn.timings) == set(round_fn.compile_seconds) == {'vmap', 'sequential'}
+  assert all(t > 0 for t in [*round_fn.timings.values(), *round_fn.compile_seconds.values()])
   assert round_fn.mapping == min(round_fn.timings, key=round_fn.timings.get)
+  with pytest.raises(ValueError, match='`mapping` must be one of'):
+    round_fn.mapping = 'pmap'  # a mapping set by hand is checked
   expected = numpy_history('constant', x0, inputs, targets)[0]['params']
   # The trial rounds ran on copies: the state advanced by exactly one round.
   assert problems.relative_error(problems.from_params(replicas.unshard(state.params)),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import optimizers, train
+from experiments import distributed, optimizers, train
 from experiments.configs import (base, cifar100_wrn28_10, cifar10_allcnn, cifar10_wrn28_10,
                                  default, fashion_mnist_lenet, fashion_mnist_wrn16_4,
                                  mnist_lenet, svhn_wrn16_4)
@@ -145,6 +145,55 @@ def test_sgd_baseline_gets_the_same_gradient_budget():
       train.sgd_config_with_same_budget(config, plan, per_replica=True), 60000, 1)
   assert per_replica.gradient_evaluations(per_replica.total_rounds) == pytest.approx(
       total / 3, rel=0.05)
+
+
+@pytest.mark.parametrize('optimizer', ['parle', 'entropy_sgd', 'elastic_sgd', 'sgd'])
+def test_compress_to_rounds_fits_the_schedules_to_the_budget(optimizer):
+  config = fashion_mnist_lenet.get_config()
+  config.optimizer, config.num_replicas = optimizer, None
+  compressed = optimizers.compress_to_rounds(config, 120, 60000)
+  assert config.epochs == 5.0  # the argument is left alone
+  plan = optimizers.make_plan(compressed, 60000, 1)
+  assert plan.total_rounds == 120
+  drops = [e * plan.rounds_per_epoch for e in compressed.lr_drop_epochs]
+  assert drops == pytest.approx([60, 90])
+  # Scoping grows over the 120 rounds (L steps each) about as over the paper's 5 epochs.
+  steps_per_count = 1 if optimizer in ('parle', 'entropy_sgd') else 25  # SGD: unused
+  assert compressed.scoping_batches_per_epoch == 24 * steps_per_count
+  counts = 120 * steps_per_count
+  assert (1 + 0.5 / compressed.scoping_batches_per_epoch) ** counts == pytest.approx(
+      np.exp(2.5), rel=0.05)
+
+
+@pytest.mark.parametrize('rounds', [0, 2.5, True])
+def test_compress_to_rounds_refuses_bad_budgets(rounds):
+  with pytest.raises(ValueError, match='`rounds` must be an integer >= 1'):
+    optimizers.compress_to_rounds(fashion_mnist_lenet.get_config(), rounds, 60000)
+
+
+def test_sgd_baselines_evaluate_at_the_same_fractions_of_the_run():
+  config = default.get_config()
+  plan = optimizers.make_plan(config, 60000, 1)
+  evaluations = plan.total_rounds // config.eval_every_rounds
+  for per_replica in (True, False):
+    sgd = train.sgd_config_with_same_budget(config, plan, per_replica=per_replica)
+    sgd_plan = optimizers.make_plan(sgd, 60000, 1)
+    assert sgd_plan.total_rounds // sgd.eval_every_rounds == evaluations
+
+
+def test_compilation_cache_follows_flag_environment_and_processes(tmp_path, monkeypatch):
+  updates = []
+  monkeypatch.setattr(jax.config, 'update', lambda name, value: updates.append((name, value)))
+  monkeypatch.setenv('PARLE_COMPILATION_CACHE', str(tmp_path / 'from_env'))
+  assert distributed.enable_compilation_cache('') is None
+  assert distributed.enable_compilation_cache(str(tmp_path / 'flag')) == str(tmp_path / 'flag')
+  assert distributed.enable_compilation_cache(None) == str(tmp_path / 'from_env')
+  assert updates == [('jax_compilation_cache_dir', str(tmp_path / 'flag')),
+                     ('jax_compilation_cache_dir', str(tmp_path / 'from_env'))]
+  assert (tmp_path / 'flag').is_dir()
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)  # CPU processes: their keys differ
+  assert distributed.enable_compilation_cache(str(tmp_path / 'flag')) is None
+  assert len(updates) == 2
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
