@@ -8,7 +8,7 @@ WORKDIR ?= $(CURDIR)/workdirs/default
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 export PARLE_DATA_DIR := $(DATA_DIR)
 
-.PHONY: env data train test benchmark clean
+.PHONY: env data train test benchmark roofline gpu-carry clean
 
 env: $(VENV)/.installed
 
@@ -40,5 +40,22 @@ test: env data
 benchmark: env
 	$(BIN)/python -m experiments.benchmark
 
+roofline: env
+	$(BIN)/python -m experiments.roofline
+
+# What experiments/gpu_session.sh needs on a GPU machine without network, TFDS or
+# ml_collections: Fashion-MNIST as compressed .npz and wheels (Python 3.11 and 3.12).
+CARRY ?= .carry
+gpu-carry: env data
+	$(BIN)/python -c "import numpy as np, os; from parle_jax import data; \
+	  out = '$(CARRY)/data/fashion_mnist'; os.makedirs(out, exist_ok=True); \
+	  [np.savez_compressed(f'{out}/{s}.npz', **data.load('fashion_mnist', s, '$(DATA_DIR)')) \
+	   for s in ('train', 'test')]"
+	$(BIN)/pip download --quiet --no-deps -d $(CARRY)/wheels \
+	  $$(grep '^ml_collections==' requirements.txt)
+	for v in 3.11 3.12; do $(BIN)/pip download --quiet --no-deps --only-binary=:all: \
+	  --python-version $$v --platform manylinux2014_x86_64 -d $(CARRY)/wheels PyYAML==6.0.3; done
+	du -sh $(CARRY)
+
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs $(CARRY)
