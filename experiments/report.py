@@ -31,6 +31,7 @@ def define_flags() -> None:
                       '<!-- BEGIN report:<suite> --> and <!-- END report:<suite> --> in this file.')
 
 _SEED = re.compile(r'_seed(\d+)$')
+_BUDGET = re.compile(r'^(.*)_r(\d+)$')  # budget-sweep groups: <method>_r<rounds>
 GROUP_ORDER = ('parle_n3', 'entropy_sgd_n1', 'elastic_sgd_n3', 'sgd_n1', 'data_parallel_sgd_n3')
 REFERENCE_BASELINE = 'sgd_n1'  # time to accuracy: to reach this group's final test error
 
@@ -168,6 +169,11 @@ def markdown(runs: Sequence[Run]) -> str:
         f"{row['gradient_evaluations']} | {row['effective_epochs']:.2f} | "
         f"{_format(*row['train_seconds'], digits=0)} | {row['load_average']:.1f} | "
         f"{row['machine']} |")
+  sweep = sweep_table(runs)
+  if sweep:
+    lines += ['', 'Final reference error against the budget (rounds of L mini-batches per '
+              'replica; SGD on the mini-batches of one replica, and on the same total):', '',
+              sweep_markdown(sweep).rstrip('\n')]
   target = baseline_error(runs)
   if target is not None:
     lines += ['', f'Time to reach SGD\'s final test error ({target:.2f}%, mean over its seeds), '
@@ -179,6 +185,47 @@ def markdown(runs: Sequence[Run]) -> str:
       grads = ('-' if row['gradient_evaluations'] is None
                else _format(*row['gradient_evaluations'], digits=0))
       lines.append(f"| {row['run']} | {row['reached']} | {seconds} | {grads} |")
+  return '\n'.join(lines) + '\n'
+
+
+def sweep_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+  """Budget-sweep rows: per budget (rounds) and method, final errors over seeds.
+
+  Only groups named ``<method>_r<rounds>`` (experiments.suite's sweep) count;
+  errors are (mean, std) in percent, ``train`` on the examples the run evaluates.
+  """
+  rows = []
+  for group, members in group_runs(runs).items():
+    match = _BUDGET.match(group)
+    if not match:
+      continue
+    summaries = [r.summary for r in members]
+    row = {'method': match.group(1), 'rounds': int(match.group(2)), 'seeds': len(members),
+           'test_error': _mean_std([s['reference/test_error'] for s in summaries]),
+           'gradient_evaluations': summaries[0]['gradient_evaluations'],
+           'effective_epochs': summaries[0]['effective_epochs']}
+    if all('reference/train_error' in s for s in summaries):
+      row['train_error'] = _mean_std([s['reference/train_error'] for s in summaries])
+    rows.append(row)
+  return sorted(rows, key=lambda row: (row['rounds'], row['method']))
+
+
+def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  """The sweep as one row per budget: each method's test (train) error."""
+  methods = list(dict.fromkeys(row['method'] for row in rows))
+  lines = ['| rounds | ' + ' | '.join(f'{m} test (train) error %' for m in methods) + ' |',
+           '|---|' + '---|' * len(methods)]
+  for rounds in sorted({row['rounds'] for row in rows}):
+    cells = []
+    for method in methods:
+      row = next((r for r in rows if r['rounds'] == rounds and r['method'] == method), None)
+      if row is None:
+        cells.append('-')
+        continue
+      train = f" ({_format(*row['train_error'])})" if 'train_error' in row else ''
+      seeds = f" [{row['seeds']} seeds]" if row['seeds'] > 1 else ''
+      cells.append(f"{_format(*row['test_error'])}{train}{seeds}")
+    lines.append(f'| {rounds} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 
@@ -224,7 +271,32 @@ def figures(runs: Sequence[Run]) -> dict[str, Any]:
     ax.legend(fontsize=7, title='run (seeds); band: min-max', title_fontsize=7)
     fig.tight_layout()
     out[file] = fig
+  sweep = sweep_table(runs)
+  if sweep:
+    out['sweep.png'] = _sweep_figure(sweep, plt)
   return out
+
+
+def _sweep_figure(rows: Sequence[dict[str, Any]], plt) -> Any:
+  """Final test and train error of each method against the budget in rounds."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+  for ax, key, label in ((axes[0], 'test_error', 'reference test error (%)'),
+                         (axes[1], 'train_error', 'reference train error (%)')):
+    for method in dict.fromkeys(row['method'] for row in rows):
+      points = [r for r in rows if r['method'] == method and key in r]
+      if not points:
+        continue
+      x = [r['rounds'] for r in points]
+      mean = [r[key][0] for r in points]
+      spread = [0.0 if np.isnan(r[key][1]) else r[key][1] for r in points]
+      ax.errorbar(x, mean, yerr=spread, marker='o', markersize=4, capsize=3, label=method)
+    ax.set_xscale('log')
+    ax.set_xlabel('budget: rounds of L=25 mini-batches per replica')
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  return fig
 
 
 def plot(runs: Sequence[Run], out_dir: str) -> list[str]:

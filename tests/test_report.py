@@ -176,3 +176,27 @@ def test_update_between_markers_replaces_only_the_suites_tables(tmp_path):
       'intro\n<!-- BEGIN report:s -->\n| new |\n<!-- END report:s -->\nrest\n')
   with pytest.raises(ValueError, match='must hold the markers'):
     report.update_between_markers(str(readme), 'other', '| x |\n')
+
+
+def test_sweep_table_and_plot_read_the_budget_from_the_run_names(tmp_path):
+  directory = tmp_path / 'sweep'
+  for name, optimizer, n, error in (('parle_n3_r12_seed0', 'parle', 3, 16.0),
+                                    ('sgd_replica_budget_r12_seed0', 'sgd', 1, 15.0),
+                                    ('parle_n3_r50_seed0', 'parle', 3, 11.0),
+                                    ('parle_n3_r50_seed1', 'parle', 3, 13.0),
+                                    ('sgd_replica_budget_r50_seed0', 'sgd', 1, 12.0)):
+    _write_run(directory, name, optimizer, n, error, [30.0, error], [1.0, 2.0])
+  runs = report.load_runs(str(directory))
+  rows = {(r['rounds'], r['method']): r for r in report.sweep_table(runs)}
+  assert sorted(rows) == [(12, 'parle_n3'), (12, 'sgd_replica_budget'), (50, 'parle_n3'),
+                          (50, 'sgd_replica_budget')]
+  mean, std = rows[(50, 'parle_n3')]['test_error']
+  assert (mean, std, rows[(50, 'parle_n3')]['seeds']) == (12.0, pytest.approx(np.sqrt(2)), 2)
+  assert rows[(12, 'parle_n3')]['train_error'][0] == 15.0  # the summary's train error
+  text = report.markdown(runs)
+  assert '| 50 | 12.00 ± 1.41 (11.00 ± 1.41) [2 seeds] | 12.00 (11.00) |' in text
+  assert 'sweep.png' in report.figures(runs)
+  # The CPU suite's run names hold no budget: no sweep table, no sweep plot.
+  _write_run(tmp_path / 'cpu', 'parle_n3_seed0', 'parle', 3, 15.0, [30.0, 15.0], [1.0, 2.0])
+  cpu_runs = report.load_runs(str(tmp_path / 'cpu'))
+  assert report.sweep_table(cpu_runs) == [] and 'sweep.png' not in report.figures(cpu_runs)
