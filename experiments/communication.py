@@ -43,7 +43,7 @@ COMMUNICATING = ('parle', 'elastic_sgd', 'data_parallel_sgd')
 BYTES_PER_PARAMETER = 4  # float32
 
 # Measured compute time of one SGD step at batch 128 on one NVIDIA H100
-# (JAX 0.11.2, float32), from the throughputs in ../shared/NOTES.md:
+# (JAX 0.11.2, float32), from the throughputs in docs/measurements.md:
 # WRN-28-10 on CIFAR about 5,400 images/s, LeNet about 577,000 images/s.
 H100_STEP_SECONDS = {'wrn28_10': 128 / 5400, 'lenet': 128 / 577000}
 MODEL_SETUPS = {  # name -> (create_model args, kwargs, image shape, training examples)

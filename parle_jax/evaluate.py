@@ -1,7 +1,7 @@
 """Evaluation of the replicas, their ensemble and the reference (averaged) model.
 
 Parle keeps ``n`` replicas ``x^1..x^n`` and, as its result, the *reference*
-``x = mean_a x^a`` (PARLE.md, "Batch norm and evaluation"). Every epoch the
+``x = mean_a x^a`` (docs/algorithm.md, "Batch norm and evaluation"). Every epoch the
 training loop calls :func:`evaluate`, which reports on the test set
 
 * ``reference/*``: the reference params, whose batch-norm statistics are

@@ -502,7 +502,7 @@ def parle(
 
   Every ``update`` is one Entropy-SGD inner step on the current params ``y``
   (``grads`` is the mini-batch gradient at ``y``). Every ``L``-th update also
-  couples the replicas (PARLE.md, "one round")::
+  couples the replicas (docs/algorithm.md, "One round")::
 
     zbar = pmean(z, axis_name)                       # the one all-reduce
     D    = (x^a - z) + rho(k) * (x^a - zbar)          # then outer Nesterov

@@ -6,7 +6,7 @@ mapped with ``jax.pmap`` (axis name ``'device'``); the local axis either with
 ``jax.vmap`` (axis name ``'replica'``) or one replica after another with
 ``lax.map``. The choice matters: ``vmap`` turns per-replica convolution weights
 into grouped convolutions, which run 2-4x slower on GPUs than a loop, while
-small dense models gain a little from ``vmap`` (see NOTES.md). The global
+small dense models gain a little from ``vmap`` (docs/measurements.md). The global
 replica index is ``axis_index('device') * R + r``; a collective over all
 replicas reduces over ``('device', 'replica')``.
 

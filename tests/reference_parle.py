@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references written from ../shared/PARLE.md.
+"""Independent float64 NumPy references written from docs/algorithm.md.
 
 Nothing here imports parle_jax: these are the numbers the library must match.
 The test problem is linear least squares, one replica per row:
@@ -18,7 +18,7 @@ def least_squares_grad(w, inputs, targets):
 
 def parle(x0, inputs, targets, *, L, rounds, lr, gamma, rho, alpha=0.75, mu=0.9,
           mu_outer=0.9, weight_decay=0.0, eta_inner=0.1):
-  """PARLE.md, "One round, per replica a". Schedules are functions of k.
+  """docs/algorithm.md, "One round, for replica a". Schedules are functions of k.
 
   Args:
     x0: [n, d] initial weights (one row per replica).
@@ -58,7 +58,7 @@ def parle(x0, inputs, targets, *, L, rounds, lr, gamma, rho, alpha=0.75, mu=0.9,
 
 def entropy_sgd(x0, inputs, targets, *, L, rounds, lr, gamma, alpha=0.75, mu=0.9,
                 eta_inner=0.1):
-  """Entropy-SGD without noise (Chaudhari et al. 2017, as PARLE.md's n=1, rho=0).
+  """Entropy-SGD without noise (Chaudhari et al. 2017; docs/algorithm.md's n=1, rho=0).
 
   Inner loop: Nesterov SGD on f(y) + gamma/2 |y - x|^2, averaging y into z;
   outer step: Nesterov on the local-entropy gradient (x - z).

@@ -1,4 +1,4 @@
-"""Fields shared by every experiment config, their defaults (PARLE.md) and checks.
+"""Fields shared by every experiment config, their defaults (docs/algorithm.md) and checks.
 
 Each config file defines ``get_config()`` returning ``base.get_config()`` with
 the setup's own values. Any field can be overridden on the command line, e.g.
