@@ -26,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -108,8 +109,10 @@ def scoping(initial: float, maximum: float,
   """The paper's scoping schedule for a coupling coefficient.
 
   Returns ``k -> min(initial * (1 + 0.5 / batches_per_epoch) ** k, maximum)``,
-  where ``k`` counts completed rounds. The coefficient grows by about
-  ``e ** 0.5 = 1.65`` per epoch (``batches_per_epoch`` rounds).
+  where ``k`` counts completed rounds: ``optax.exponential_decay`` growing
+  by ``1 + 0.5 / batches_per_epoch`` per round, clipped at `maximum`. The
+  coefficient grows by about ``e ** 0.5 = 1.65`` per epoch
+  (``batches_per_epoch`` rounds).
 
   Examples:
     >>> import parle_jax
@@ -133,12 +136,9 @@ def scoping(initial: float, maximum: float,
     raise ValueError(
         f'`maximum` must be >= `initial`, got maximum={maximum!r}, '
         f'initial={initial!r}.')
-  growth = 1.0 + 0.5 / batches_per_epoch
-
-  def schedule(k):
-    return jnp.minimum(initial * growth ** jnp.asarray(k, jnp.float32), maximum)
-
-  return schedule
+  # initial * growth ** k, clipped at `maximum` (an upper bound, as growth > 1).
+  return optax.exponential_decay(initial, transition_steps=1,
+                                 decay_rate=1.0 + 0.5 / batches_per_epoch, end_value=maximum)
 
 
 def _replica_mean(tree: Params, axis_name: AxisName) -> Params:
@@ -148,14 +148,36 @@ def _replica_mean(tree: Params, axis_name: AxisName) -> Params:
 
 def _nesterov(direction: Params, velocity: Params,
               momentum: float) -> tuple[Params, Params]:
-  """``v = mu * v + d; d = d + mu * v`` (PyTorch/optax Nesterov)."""
-  velocity = jax.tree.map(lambda d, v: d + momentum * v, direction, velocity)
-  direction = jax.tree.map(lambda d, v: d + momentum * v, direction, velocity)
-  return direction, velocity
+  """``v = mu * v + d; d = d + mu * v``: ``optax.trace(mu, nesterov=True)`` on a bare velocity."""
+  direction, state = optax.trace(momentum, nesterov=True).update(
+      direction, optax.TraceState(trace=velocity))
+  return direction, state.trace
 
 
-def _zeros_like(params: Params) -> Params:
-  return jax.tree.map(jnp.zeros_like, params)
+def _pulled_step(base: Params, params: Params, center: Params, velocity: Params,
+                 pull: jax.Array, step_size: jax.Array, momentum: float
+                 ) -> tuple[Params, Params]:
+  """The step of Parle's coupling and of Elastic-SGD: returns (updates, velocity).
+
+  ``D = base + pull * (x - center)``, then Nesterov momentum, then
+  ``-step_size * D``.
+  """
+  direction = jax.tree.map(lambda b, x, c: b + pull * (x - c), base, params, center)
+  direction, velocity = _nesterov(direction, velocity, momentum)
+  return jax.tree.map(lambda d: -step_size * d, direction), velocity
+
+
+def _outer_step(entropy_grad: Params, anchor: Params, average: Params, velocity: Params,
+                step_size: jax.Array, pull: jax.Array, momentum: float,
+                axis_name: AxisName) -> tuple[Params, Params]:
+  """One coupling of Parle, in the paper's order (docs/algorithm.md, "One round").
+
+  ``zbar = pmean(z)`` (the round's one all-reduce), ``D = (x - z) + rho (x - zbar)``
+  with ``entropy_grad = x - z``, outer Nesterov, ``x <- x - lr D``. Returns
+  (updates of the anchor, outer velocity).
+  """
+  zbar = _replica_mean(average, axis_name)
+  return _pulled_step(entropy_grad, anchor, zbar, velocity, pull, step_size, momentum)
 
 
 # ----------------------------------------------------------------------------
@@ -236,9 +258,29 @@ def entropy_sgd_inner(
   Returns:
     An optax ``GradientTransformation`` with state :class:`EntropySGDInnerState`.
   """
+  _check_positive_int('L', L)
+  init_fn, step_fn = _inner_step(inner_learning_rate, gamma, alpha=alpha, momentum=momentum,
+                                 weight_decay=weight_decay, noise=noise, seed=seed,
+                                 axis_name=axis_name)
+
+  def update_fn(grads, state, params=None):
+    if params is None:
+      raise ValueError('entropy_sgd_inner needs `params` in update().')
+    return step_fn(grads, state, params, state.count // L)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _inner_step(inner_learning_rate, gamma, *, alpha, momentum, weight_decay, noise, seed,
+                axis_name):
+  """(init, step) of the inner Entropy-SGD step; ``step(grads, state, params, k)``.
+
+  The round index ``k`` of the schedules is an argument: :func:`entropy_sgd_inner`
+  derives it from its step count, Parle reads it from its coupling count.
+  Checks the arguments (ValueError naming the bad one).
+  """
   _check_nonnegative('inner_learning_rate', inner_learning_rate)
   _check_nonnegative('gamma', gamma)
-  _check_positive_int('L', L)
   _check_fraction('alpha', alpha)
   _check_fraction('momentum', momentum)
   _check_nonnegative('weight_decay', weight_decay)
@@ -266,14 +308,11 @@ def entropy_sgd_inner(
         count=jnp.zeros([], jnp.int32),
         anchor=params,
         average=params,
-        momentum=_zeros_like(params),
+        momentum=optax.tree.zeros_like(params),
         key=key,
     )
 
-  def update_fn(grads, state, params=None):
-    if params is None:
-      raise ValueError('entropy_sgd_inner needs `params` in update().')
-    k = state.count // L
+  def step_fn(grads, state, params, k):
     step_size, pull = lr_fn(k), gamma_fn(k)
     direction = jax.tree.map(
         lambda g, y, x: g + weight_decay * y + pull * (y - x),
@@ -298,12 +337,24 @@ def entropy_sgd_inner(
         average=average,
         momentum=velocity)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return init_fn, step_fn
 
 
 # ----------------------------------------------------------------------------
 # Building block 2: the elastic coupling (the one collective).
 # ----------------------------------------------------------------------------
+def _coupling_schedules(learning_rate, rho, momentum, axis_name, momentum_name='momentum'):
+  """Checks the coupling's arguments; returns (learning-rate schedule, rho schedule, axis).
+
+  `momentum_name` is what the caller calls the outer momentum in its errors.
+  """
+  _check_nonnegative('learning_rate', learning_rate)
+  _check_nonnegative('rho', rho)
+  _check_fraction(momentum_name, momentum)
+  _check_axis_name(axis_name)
+  return _as_schedule(learning_rate), _as_schedule(rho), _normalize_axis(axis_name)
+
+
 class ElasticCouplingState(NamedTuple):
   """State of :func:`elastic_coupling`, one replica.
 
@@ -356,31 +407,21 @@ def elastic_coupling(
   Returns:
     An optax ``GradientTransformation`` with state :class:`ElasticCouplingState`.
   """
-  _check_nonnegative('learning_rate', learning_rate)
-  _check_nonnegative('rho', rho)
-  _check_fraction('outer_momentum', momentum)
-  _check_axis_name(axis_name)
-  axis_name = _normalize_axis(axis_name)
-  lr_fn, rho_fn = _as_schedule(learning_rate), _as_schedule(rho)
+  lr_fn, rho_fn, axis_name = _coupling_schedules(learning_rate, rho, momentum, axis_name)
 
   def init_fn(params):
     return ElasticCouplingState(count=jnp.zeros([], jnp.int32),
-                                momentum=_zeros_like(params))
+                                momentum=optax.tree.zeros_like(params))
 
   def update_fn(grads, state, params=None):
     if params is None:
       raise ValueError('elastic_coupling needs `params` (the anchors) in update().')
-    k = state.count
-    average = jax.tree.map(lambda x, g: x - g, params, grads)
-    mean_average = _replica_mean(average, axis_name)
-    pull = rho_fn(k)
-    direction = jax.tree.map(lambda g, x, zbar: g + pull * (x - zbar),
-                             grads, params, mean_average)
-    direction, velocity = _nesterov(direction, state.momentum, momentum)
-    step_size = lr_fn(k)
-    updates = jax.tree.map(lambda d: -step_size * d, direction)
-    return updates, ElasticCouplingState(
-        count=optax.safe_increment(state.count), momentum=velocity)
+    average = jax.tree.map(lambda x, g: x - g, params, grads)  # z = x - g
+    updates, velocity = _outer_step(grads, params, average, state.momentum,
+                                    lr_fn(state.count), rho_fn(state.count), momentum,
+                                    axis_name)
+    return updates, ElasticCouplingState(count=optax.safe_increment(state.count),
+                                         momentum=velocity)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -438,7 +479,56 @@ def parle_parts(
     seed: int = 0,
     axis_name: AxisName = None,
 ) -> ParleParts:
-  """Parle's inner step and end-of-round coupling; arguments as :func:`parle`."""
+  """Parle's inner step and its end-of-round coupling, for fused rounds.
+
+  One round of replica ``a`` (docs/algorithm.md, "One round"): `L` updates of
+  ``parts.inner`` (inner Entropy-SGD steps on ``y`` around the anchor ``x^a``,
+  no communication), then ``parts.couple``::
+
+    zbar = pmean(z, axis_name)                       # the round's one all-reduce
+    D    = (x^a - z) + rho(k) * (x^a - zbar)          # then outer Nesterov
+    x^a  = x^a - learning_rate(k) * D                 # y and z restart at x^a
+
+  Every schedule is evaluated at ``k``, the rounds completed before the
+  current one (``state.coupling.count``, the one round counter). :func:`parle`
+  runs the same two parts step by step.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, parle_jax
+    >>> parts = parle_jax.parle_parts(0.1, L=2, gamma=0.1, rho=1.0)  # one replica
+    >>> params = jnp.array([1.0, -1.0])
+    >>> state = parts.inner.init(params)
+    >>> for _ in range(parts.L):
+    ...   updates, state = parts.inner.update(2 * params, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> params, state = parts.couple(state)
+    >>> int(state.coupling.count), bool(jnp.all(params == state.inner.anchor))
+    (1, True)
+
+  Args:
+    learning_rate: outer learning rate (0.1 in the paper, divided by 5 each
+      Parle epoch), a float or a schedule of ``k``.
+    batches_per_epoch: mini-batches per epoch of one replica (``nb``); required
+      when `gamma` or `rho` is None.
+    L: inner steps per round (25), >= 1.
+    inner_learning_rate: inner step size (0.1, fixed).
+    gamma: proximal coefficient multiplying ``(y - x^a)``; None means the
+      paper's scoping ``scoping(0.01, 1.0, batches_per_epoch)``.
+    rho: elastic coefficient multiplying ``(x^a - zbar)``; None means
+      ``scoping(1.0, 10.0, batches_per_epoch)``.
+    alpha: weight of the old ``z`` in the running average (0.75), in [0, 1).
+    momentum: inner Nesterov momentum (0.9), in [0, 1).
+    outer_momentum: outer Nesterov momentum; None means `momentum`.
+    weight_decay: L2 coefficient, inner gradient only.
+    noise: Langevin noise scale of the inner steps (0, see
+      :func:`entropy_sgd_inner`).
+    seed: seed of the Langevin noise.
+    axis_name: the replica axis (or tuple of axes) for ``lax.pmean``; None
+      means a single replica.
+
+  Returns:
+    :class:`ParleParts`; its transform's state is :class:`ParleState`.
+  """
   if gamma is None or rho is None:
     if batches_per_epoch is None:
       missing = [name for name, value in (('gamma', gamma), ('rho', rho))
@@ -451,53 +541,44 @@ def parle_parts(
       gamma = scoping(0.01, 1.0, batches_per_epoch)
     if rho is None:
       rho = scoping(1.0, 10.0, batches_per_epoch)
-  if outer_momentum is None:
-    outer_momentum = momentum
-  inner_tx = entropy_sgd_inner(
-      inner_learning_rate, gamma, L=L, alpha=alpha, momentum=momentum,
+  _check_positive_int('L', L)
+  inner_init, inner_step = _inner_step(
+      inner_learning_rate, gamma, alpha=alpha, momentum=momentum,
       weight_decay=weight_decay, noise=noise, seed=seed, axis_name=axis_name)
-  coupling_tx = elastic_coupling(
-      learning_rate, rho, momentum=outer_momentum, axis_name=axis_name)
+  if outer_momentum is None:
+    outer_momentum = momentum  # checked above
+  lr_fn, rho_fn, axis_name = _coupling_schedules(learning_rate, rho, outer_momentum, axis_name,
+                                                 momentum_name='outer_momentum')
 
   def init_fn(params):
-    return ParleState(inner=inner_tx.init(params), coupling=coupling_tx.init(params))
+    return ParleState(inner=inner_init(params), coupling=ElasticCouplingState(
+        count=jnp.zeros([], jnp.int32), momentum=optax.tree.zeros_like(params)))
 
   def inner_update_fn(grads, state, params=None):
-    updates, inner_state = inner_tx.update(grads, state.inner, params)
+    if params is None:
+      raise ValueError('parle needs `params` in update().')
+    updates, inner_state = inner_step(grads, state.inner, params, state.coupling.count)
     return updates, state._replace(inner=inner_state)
 
   def couple(state):
-    anchor = state.inner.anchor
-    entropy_grad = jax.tree.map(lambda x, z: x - z, anchor, state.inner.average)
-    updates, coupling_state = coupling_tx.update(entropy_grad, state.coupling, anchor)
+    anchor, average, k = state.inner.anchor, state.inner.average, state.coupling.count
+    updates, velocity = _outer_step(jax.tree.map(jnp.subtract, anchor, average), anchor,
+                                    average, state.coupling.momentum, lr_fn(k), rho_fn(k),
+                                    outer_momentum, axis_name)
     new_anchor = optax.apply_updates(anchor, updates)
-    inner_state = state.inner._replace(anchor=new_anchor, average=new_anchor)
-    return new_anchor, ParleState(inner=inner_state, coupling=coupling_state)
+    return new_anchor, ParleState(
+        inner=state.inner._replace(anchor=new_anchor, average=new_anchor),
+        coupling=ElasticCouplingState(count=optax.safe_increment(k), momentum=velocity))
 
   return ParleParts(
       inner=optax.GradientTransformation(init_fn, inner_update_fn),
       couple=couple,
       L=L,
-      axis_name=_normalize_axis(axis_name),
+      axis_name=axis_name,
   )
 
 
-def parle(
-    learning_rate: ScalarOrSchedule,
-    *,
-    batches_per_epoch: Optional[int] = None,
-    L: int = 25,
-    inner_learning_rate: ScalarOrSchedule = 0.1,
-    gamma: Optional[ScalarOrSchedule] = None,
-    rho: Optional[ScalarOrSchedule] = None,
-    alpha: float = 0.75,
-    momentum: float = 0.9,
-    outer_momentum: Optional[float] = None,
-    weight_decay: float = 0.0,
-    noise: float = 0.0,
-    seed: int = 0,
-    axis_name: AxisName = None,
-) -> optax.GradientTransformation:
+def parle(learning_rate: ScalarOrSchedule, **kwargs: Any) -> optax.GradientTransformation:
   """Parle as a per-step optax transform: a drop-in replacement for ``optax.sgd``.
 
   Every ``update`` is one Entropy-SGD inner step on the current params ``y``
@@ -540,34 +621,17 @@ def parle(
   ``static_args``).
 
   Args:
-    learning_rate: outer learning rate (0.1 in the paper, divided by 5 each
-      Parle epoch), a float or a schedule of ``k``.
-    batches_per_epoch: mini-batches per epoch of one replica (``nb``); required
-      when `gamma` or `rho` is None.
-    L: inner steps per round (25).
-    inner_learning_rate: inner step size (0.1, fixed).
-    gamma: proximal coefficient multiplying ``(y - x^a)``; None means the
-      paper's scoping ``scoping(0.01, 1.0, batches_per_epoch)``.
-    rho: elastic coefficient multiplying ``(x^a - zbar)``; None means
-      ``scoping(1.0, 10.0, batches_per_epoch)``.
-    alpha: weight of the old ``z`` in the running average (0.75), in [0, 1).
-    momentum: inner Nesterov momentum (0.9), in [0, 1).
-    outer_momentum: outer Nesterov momentum; None means `momentum`.
-    weight_decay: L2 coefficient, inner gradient only.
-    noise: Langevin noise scale of the inner steps (0, see
-      :func:`entropy_sgd_inner`).
-    seed: seed of the Langevin noise.
-    axis_name: the replica axis (or tuple of axes) for ``lax.pmean``; None
-      means a single replica.
+    learning_rate: outer learning rate, a float or a schedule of ``k``.
+    **kwargs: the keyword arguments of :func:`parle_parts` (``batches_per_epoch``,
+      ``L``, ``inner_learning_rate``, ``gamma``, ``rho``, ``alpha``,
+      ``momentum``, ``outer_momentum``, ``weight_decay``, ``noise``, ``seed``,
+      ``axis_name``), documented there.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ParleState`.
   """
-  parts = parle_parts(
-      learning_rate, batches_per_epoch=batches_per_epoch, L=L,
-      inner_learning_rate=inner_learning_rate, gamma=gamma, rho=rho,
-      alpha=alpha, momentum=momentum, outer_momentum=outer_momentum,
-      weight_decay=weight_decay, noise=noise, seed=seed, axis_name=axis_name)
+  parts = parle_parts(learning_rate, **kwargs)
+  L = parts.L
 
   def update_fn(grads, state, params=None):
     updates, state = parts.inner.update(grads, state, params)
@@ -581,6 +645,10 @@ def parle(
                     lambda operand: operand[:2], (updates, state, params))
 
   return optax.GradientTransformation(parts.inner.init, update_fn)
+
+
+parle.__signature__ = inspect.signature(parle_parts).replace(  # the arguments, for help()
+    return_annotation=optax.GradientTransformation)
 
 
 def reference_params(state: ParleState, axis_name: AxisName = None) -> Params:
@@ -651,31 +719,21 @@ def elastic_sgd(
           '`batches_per_epoch` is required when rho uses the default scoping '
           'schedule; pass batches_per_epoch or give rho explicitly.')
     rho = scoping(1.0, 10.0, batches_per_epoch)
-  _check_nonnegative('learning_rate', learning_rate)
-  _check_nonnegative('rho', rho)
-  _check_fraction('momentum', momentum)
   _check_nonnegative('weight_decay', weight_decay)
-  _check_axis_name(axis_name)
-  axis_name = _normalize_axis(axis_name)
-  lr_fn, rho_fn = _as_schedule(learning_rate), _as_schedule(rho)
+  lr_fn, rho_fn, axis_name = _coupling_schedules(learning_rate, rho, momentum, axis_name)
 
   def init_fn(params):
     return ElasticSGDState(count=jnp.zeros([], jnp.int32),
-                           momentum=_zeros_like(params))
+                           momentum=optax.tree.zeros_like(params))
 
   def update_fn(grads, state, params=None):
     if params is None:
       raise ValueError('elastic_sgd needs `params` in update().')
-    mean_params = _replica_mean(params, axis_name)
-    pull = rho_fn(state.count)
-    direction = jax.tree.map(
-        lambda g, x, xbar: g + weight_decay * x + pull * (x - xbar),
-        grads, params, mean_params)
-    direction, velocity = _nesterov(direction, state.momentum, momentum)
-    step_size = lr_fn(state.count)
-    updates = jax.tree.map(lambda d: -step_size * d, direction)
+    mean_params = _replica_mean(params, axis_name)  # one all-reduce per step
+    decayed = jax.tree.map(lambda g, x: g + weight_decay * x, grads, params)
+    updates, velocity = _pulled_step(decayed, params, mean_params, state.momentum,
+                                     rho_fn(state.count), lr_fn(state.count), momentum)
     return updates, ElasticSGDState(count=optax.safe_increment(state.count),
                                     momentum=velocity)
 
   return optax.GradientTransformation(init_fn, update_fn)
-

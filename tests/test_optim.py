@@ -240,3 +240,26 @@ def test_missing_batches_per_epoch_raises():
     parle_jax.scoping(0.1, 1.0, 0)
   with pytest.raises(ValueError, match='`maximum`'):
     parle_jax.scoping(1.0, 0.5, 10)
+
+
+def test_scoping_is_exponential_growth_clipped_at_the_maximum():
+  schedule = parle_jax.scoping(0.01, 1.0, 4)  # growth 1.125 per round
+  rounds = np.arange(0, 60)
+  expected = np.minimum(0.01 * 1.125 ** rounds.astype(np.float64), 1.0)
+  assert expected[0] == 0.01 and expected[-1] == 1.0  # both ends of the clip are reached
+  np.testing.assert_allclose([float(schedule(k)) for k in rounds], expected, rtol=1e-6)
+
+
+def test_elastic_coupling_names_its_own_momentum_argument():
+  with pytest.raises(ValueError, match='`momentum` must be in'):
+    parle_jax.elastic_coupling(0.1, 1.0, momentum=1.5)
+  with pytest.raises(ValueError, match='`outer_momentum` must be in'):
+    parle_jax.parle_parts(0.1, gamma=0.1, rho=0.1, outer_momentum=1.5)
+
+
+def test_parle_takes_exactly_the_arguments_of_parle_parts():
+  import inspect  # pylint: disable=g-import-not-at-top
+  assert list(inspect.signature(parle_jax.parle).parameters) == list(
+      inspect.signature(parle_jax.parle_parts).parameters)
+  with pytest.raises(TypeError, match='lr'):
+    parle_jax.parle(0.1, gamma=0.1, rho=0.1, lr=0.2)
