@@ -2,8 +2,10 @@
 
 Layers, each importing only from those before it:
 
-* :mod:`parle_jax.optim` -- Parle, its building blocks, Elastic-SGD and scoping,
-  as pure optax transforms (no Flax, no data).
+* :mod:`parle_jax.optim` -- Parle as pure optax transforms (no Flax, no data),
+  assembled from :mod:`parle_jax.entropy_sgd` (the inner step) and
+  :mod:`parle_jax.elastic` (scoping, the coupling, Elastic-SGD), with argument
+  checks from :mod:`parle_jax.checks`.
 * :mod:`parle_jax.replicas` -- n replicas over devices: ``pmap`` over devices,
   ``vmap`` or a loop locally; the reference (mean) params.
 * :mod:`parle_jax.rounds` -- one fused, donated dispatch per round:
