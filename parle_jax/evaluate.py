@@ -243,7 +243,7 @@ def _reference_fn(replicas: replicas_lib.Replicas):
   of each replica's flattened params to it.
   """
   def reference_and_distances(_, params):
-    reference = lax.pmean(params, (replicas_lib.DEVICE_AXIS, replicas_lib.REPLICA_AXIS))
+    reference = replicas.mean(params)
     pairs = [(x.astype(jnp.float32), r.astype(jnp.float32))
              for x, r in zip(jax.tree.leaves(params), jax.tree.leaves(reference))]
     total = lambda fn: sum(jnp.sum(fn(x, r)) for x, r in pairs)
@@ -256,32 +256,6 @@ def _reference_fn(replicas: replicas_lib.Replicas):
 
 # ----------------------------------------------------------------------------
 # Host side.
-
-
-def _replica_values(replicas: replicas_lib.Replicas, tree: Any) -> Any:
-  """``[D, R]`` device arrays -> NumPy ``[n]`` in global replica order."""
-  local = replicas.unshard(tree)
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  ids = np.asarray(multihost_utils.process_allgather(replicas.local_replica_ids)).reshape(-1)
-
-  def gather(x):
-    everything = np.asarray(multihost_utils.process_allgather(x))
-    out = np.empty((replicas.num_replicas,) + x.shape[1:], x.dtype)
-    out[ids] = everything.reshape((-1,) + x.shape[1:])
-    return out
-  return jax.tree.map(gather, local)
-
-
-def _first_copy(tree: Any) -> Any:
-  """The copy on this process's first device of pmapped ``[D, ...]`` arrays."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-
-
-def _first_replica(tree: Any) -> Any:
-  """This process's first stored replica of ``[D, R, ...]`` arrays, on its device."""
-  return jax.tree.map(lambda x: x.addressable_shards[0].data[0, 0], tree)
 
 
 def _check_state(replicas: replicas_lib.Replicas, state: rounds.ReplicaState) -> None:
@@ -337,8 +311,8 @@ def _replica_pass(model, replicas, state, arrays, mean, std, batch_size, mapping
              for batch in data_lib.eval_batches(arrays, batch_size)]
   per_replica, ensemble = None, None
   for replica_sums, ensemble_sums in outputs:
-    per_replica = _add(per_replica, _replica_values(replicas, replica_sums))
-    ensemble = _add(ensemble, _first_copy(ensemble_sums))
+    per_replica = _add(per_replica, replicas.gather(replica_sums))
+    ensemble = _add(ensemble, replicas.first_copy(ensemble_sums))
   return per_replica, ensemble, int(np.shape(arrays['label'])[0])
 
 
@@ -366,8 +340,8 @@ def reference_variables(model: nn.Module, replicas: replicas_lib.Replicas,
   gives the structure).
   """
   stacked, distances = _reference_fn(replicas)(state.params)
-  distances = _replica_values(replicas, distances)
-  params = _first_replica(stacked)
+  distances = replicas.gather(distances)
+  params = replicas.first_replica(stacked)
   # One placement (a plain single-device array) whatever the layout, so the
   # jitted reference functions compile once per model and shape.
   device = next(iter(jax.tree.leaves(params)[0].devices()))
@@ -379,7 +353,7 @@ def reference_variables(model: nn.Module, replicas: replicas_lib.Replicas,
   if set(model_state) != {'batch_stats'}:
     raise ValueError(f"the replicas' model_state must hold only 'batch_stats', got "
                      f'{sorted(model_state)}.')
-  structure = jax.device_put(_first_replica(model_state['batch_stats']), device)
+  structure = jax.device_put(replicas.first_replica(model_state['batch_stats']), device)
   bn_batches = jax.device_put(_check_bn_batches(bn_batches), device)
   variables['batch_stats'] = recompute_batch_stats(model, params, structure, bn_batches)
   return variables, distances

@@ -190,16 +190,57 @@ class Replicas:
     """``fn(replica_id, *args)`` on every replica (vmap locally), one dispatch."""
     return self.pmap(self.map_local(fn, 'vmap'), donate_argnums=donate_argnums)
 
+  # --- reading replica-stacked results ----------------------------------------
+  def gather(self, tree: Any) -> Any:
+    """``[D, R, ...]`` device arrays -> NumPy ``[n, ...]`` in global replica order.
+
+    With several processes every process gets all replicas (an all-gather
+    between the processes); with one it is :meth:`unshard`.
+    """
+    local = self.unshard(tree)
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ids = np.asarray(multihost_utils.process_allgather(self.local_replica_ids)).reshape(-1)
+
+    def gather_leaf(x):
+      everything = np.asarray(multihost_utils.process_allgather(x))
+      out = np.empty((self.num_replicas,) + x.shape[1:], x.dtype)
+      out[ids] = everything.reshape((-1,) + x.shape[1:])
+      return out
+    return jax.tree.map(gather_leaf, local)
+
+  @staticmethod
+  def first_copy(tree: Any) -> Any:
+    """The copy on this process's first device of ``[D, ...]`` arrays, as NumPy.
+
+    For results every device holds the same copy of (e.g. after a collective).
+    """
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+  @staticmethod
+  def first_replica(tree: Any) -> Any:
+    """This process's first stored replica of ``[D, R, ...]`` arrays, on its device."""
+    return jax.tree.map(lambda x: x.addressable_shards[0].data[0, 0], tree)
+
   # --- the reference model ---------------------------------------------------
+  @staticmethod
+  def mean(tree: Any) -> Any:
+    """The mean over all replicas, inside a function mapped over them.
+
+    Call within :meth:`per_replica` (or :meth:`map_local` with ``'vmap'``
+    under :meth:`pmap`): one all-reduce over ``('device', 'replica')``. The
+    replicas' reference is this mean of their params.
+    """
+    return lax.pmean(tree, (DEVICE_AXIS, REPLICA_AXIS))
+
   @functools.cached_property
   def _mean_over_replicas(self) -> Callable:
-    axis = (DEVICE_AXIS, REPLICA_AXIS)
-    return self.per_replica(lambda _, tree: lax.pmean(tree, axis))
+    return self.per_replica(lambda _, tree: self.mean(tree))
 
   def reference(self, params: Any) -> Any:
     """The mean over all replicas of replica-stacked ``[D, R, ...]`` params.
 
     One all-reduce; returns one copy (on this process's first device).
     """
-    mean = self._mean_over_replicas(params)
-    return jax.tree.map(lambda x: x.addressable_shards[0].data[0, 0], mean)
+    return self.first_replica(self._mean_over_replicas(params))

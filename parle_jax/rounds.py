@@ -160,8 +160,7 @@ def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
     if couple is not None:
       params, opt_state = couple(state.opt_state)
       state = state._replace(params=params, opt_state=opt_state)
-    reference = (lax.pmean(state.params, (replicas_lib.DEVICE_AXIS, replicas_lib.REPLICA_AXIS))
-                 if with_reference else None)
+    reference = replicas.mean(state.params) if with_reference else None
     return state, reference
 
   def build(local_mapping):
