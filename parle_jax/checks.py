@@ -1,5 +1,8 @@
 """Argument checks shared by parle_jax: eager ValueErrors that name the argument.
 
+The one set of checks of the library (optimizers, replicas, rounds, data,
+models, evaluation): each value is checked where the user gives it.
+
 Each check takes the argument's name as the user wrote it and raises
 ``ValueError('`name` must be ..., got <value>.')``. Values that cannot be
 checked eagerly (schedules, traced arrays under ``jit``) pass.
@@ -12,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 AxisName = Union[None, str, Sequence[str]]
 
@@ -45,14 +49,44 @@ def fraction(name: str, value: Any) -> None:
     raise ValueError(f'`{name}` must be in [0, 1), got {value!r}.')
 
 
-def positive_int(name: str, value: Any) -> None:
+def integer(name: str, value: Any, minimum: int = 1) -> None:
+  """An integer (Python or a NumPy/JAX scalar, not a bool) >= `minimum`."""
   if isinstance(value, jax.core.Tracer):
     return
   integral = isinstance(value, numbers.Integral) or (
       hasattr(value, 'dtype') and jnp.issubdtype(value.dtype, jnp.integer)
       and jnp.ndim(value) == 0)
-  if isinstance(value, bool) or not integral or int(value) < 1:
-    raise ValueError(f'`{name}` must be an integer >= 1, got {value!r}.')
+  if isinstance(value, bool) or not integral or int(value) < minimum:
+    raise ValueError(f'`{name}` must be an integer >= {minimum}, got {value!r}.')
+
+
+def choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+  """Returns `value` if it is one of `choices`."""
+  if value not in choices:
+    raise ValueError(f'`{name}` must be one of {tuple(choices)}, got {value!r}.')
+  return value
+
+
+def images(name: str, value: Any) -> None:
+  """uint8 images ``[N, H, W, C]``."""
+  if value.dtype != np.uint8 or value.ndim != 4:
+    raise ValueError(f'`{name}` must be uint8 [N, H, W, C], got '
+                     f'{value.dtype} of shape {tuple(value.shape)}.')
+
+
+def labels(name: str, value: Any, num_images: int) -> None:
+  """One label per image: shape ``[num_images]``."""
+  if tuple(np.shape(value)) != (num_images,):
+    raise ValueError(f'`{name}` must have shape ({num_images},), one label per '
+                     f'image, got {tuple(np.shape(value))}.')
+
+
+def channel_stats(mean: Any, std: Any, channels: int) -> None:
+  """Per-channel statistics of images with `channels` channels."""
+  if np.shape(mean) != (channels,) or np.shape(std) != (channels,):
+    raise ValueError(f'`mean` and `std` must have shape ({channels},), one value per channel '
+                     f'(mean and std of the training images), got {np.shape(mean)} and '
+                     f'{np.shape(std)}.')
 
 
 def axis_name(value: AxisName) -> None:

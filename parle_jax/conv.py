@@ -26,19 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from parle_jax import checks
+
 CONV_IMPLEMENTATIONS = ('auto', 'xla', 'matmul')
 # The backends on which 'auto' picks 'matmul' (measured: docs/measurements.md).
 MATMUL_BACKENDS = ('cpu',)
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 Padding = Union[str, Sequence[tuple[int, int]]]
-
-
-def check_conv(conv: str) -> str:
-  """Returns `conv` if it is one of :data:`CONV_IMPLEMENTATIONS`, else raises ValueError."""
-  if conv not in CONV_IMPLEMENTATIONS:
-    raise ValueError(f'`conv` must be one of {CONV_IMPLEMENTATIONS}, got {conv!r}.')
-  return conv
 
 
 def resolve_conv(conv: str, backend: Optional[str] = None) -> str:
@@ -49,7 +44,7 @@ def resolve_conv(conv: str, backend: Optional[str] = None) -> str:
     backend: platform name (``'cpu'``, ``'gpu'``, ``'tpu'``); default
       ``jax.default_backend()``.
   """
-  if check_conv(conv) != 'auto':
+  if checks.choice('conv', conv, CONV_IMPLEMENTATIONS) != 'auto':
     return conv
   backend = jax.default_backend() if backend is None else backend
   return 'matmul' if backend in MATMUL_BACKENDS else 'xla'

@@ -55,7 +55,7 @@ def scoping(initial: float, maximum: float,
     An optax schedule of the round count ``k``.
   """
   checks.nonnegative('initial', initial)
-  checks.positive_int('batches_per_epoch', batches_per_epoch)
+  checks.integer('batches_per_epoch', batches_per_epoch)
   initial_value, maximum_value = checks.concrete_float(initial), checks.concrete_float(maximum)
   if (initial_value is not None and maximum_value is not None
       and not maximum_value >= initial_value):

@@ -98,7 +98,7 @@ def entropy_sgd_inner(
   Returns:
     An optax ``GradientTransformation`` with state :class:`EntropySGDInnerState`.
   """
-  checks.positive_int('L', L)
+  checks.integer('L', L)
   init_fn, step_fn = inner_step_fns(inner_learning_rate, gamma, alpha=alpha, momentum=momentum,
                                  weight_decay=weight_decay, noise=noise, seed=seed,
                                  axis_name=axis_name)

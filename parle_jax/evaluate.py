@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from parle_jax import checks
 from parle_jax import data as data_lib
 from parle_jax import replicas as replicas_lib
 from parle_jax import rounds
@@ -275,19 +276,6 @@ def _check_arrays(arrays: Mapping[str, Any], name: str) -> None:
                      f"{np.shape(arrays['image'])}).")
 
 
-def _check_channels(image_shape: tuple[int, ...], mean: Any, std: Any) -> None:
-  channels = image_shape[-1:]
-  if np.shape(mean) != channels or np.shape(std) != channels:
-    raise ValueError(f'mean and std must have shape {channels} (one value per '
-                     f'channel), got {np.shape(mean)} and {np.shape(std)}.')
-
-
-def _check_mapping(mapping: str) -> str:
-  if mapping not in EVAL_MAPPINGS:
-    raise ValueError(f'`mapping` must be one of {EVAL_MAPPINGS}, got {mapping!r}.')
-  return mapping
-
-
 def _metrics(sums: Mapping[str, np.ndarray], count: int, prefix: str,
              split: str) -> dict[str, Any]:
   """Error (percent) and mean loss from float64 sums; lists for per-replica sums."""
@@ -305,7 +293,7 @@ def _add(total: Optional[dict], sums: Mapping[str, np.ndarray]) -> dict:
 def _replica_pass(model, replicas, state, arrays, mean, std, batch_size, mapping
                   ) -> tuple[dict, dict, int]:
   """Sums over `arrays` of every replica's (``[n]``) and the ensemble's metrics."""
-  fn = _replica_sums_fn(model, replicas, _check_mapping(mapping))
+  fn = _replica_sums_fn(model, replicas, checks.choice('mapping', mapping, EVAL_MAPPINGS))
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
   outputs = [fn(state.params, state.model_state, batch, mean, std)
              for batch in data_lib.eval_batches(arrays, batch_size)]
@@ -398,11 +386,11 @@ def evaluate(model: nn.Module, replicas: replicas_lib.Replicas,
       `bn_batches`, mean/std of the wrong shape, a state of another layout,
       missing or empty `bn_batches`, or an unknown mapping.
   """
-  _check_mapping(mapping)
+  checks.choice('mapping', mapping, EVAL_MAPPINGS)
   _check_state(replicas, state)
   _check_arrays(test_arrays, 'test_arrays')
   image_shape = tuple(np.shape(test_arrays['image'])[1:])
-  _check_channels(image_shape, mean, std)
+  checks.channel_stats(mean, std, image_shape[-1])
   if jax.tree.leaves(state.model_state) or bn_batches is not None:
     bn_batches = _check_bn_batches(bn_batches)
     if tuple(bn_batches.shape[2:]) != image_shape:
@@ -451,14 +439,14 @@ def train_error_and_loss(model: nn.Module, replicas: replicas_lib.Replicas,
     ValueError: for an empty split, ``max_examples < 1``, mean/std of the
       wrong shape, a state of another layout or an unknown mapping.
   """
-  _check_mapping(mapping)
+  checks.choice('mapping', mapping, EVAL_MAPPINGS)
   _check_state(replicas, state)
   _check_arrays(arrays, 'arrays')
   if max_examples is not None:
     if isinstance(max_examples, bool) or int(max_examples) != max_examples or max_examples < 1:
       raise ValueError(f'max_examples must be an integer >= 1 or None, got {max_examples!r}.')
     arrays = {'image': arrays['image'][:max_examples], 'label': arrays['label'][:max_examples]}
-  _check_channels(tuple(np.shape(arrays['image'])[1:]), mean, std)
+  checks.channel_stats(mean, std, np.shape(arrays['image'])[-1])
   per_replica, _, count = _replica_pass(model, replicas, state, arrays, mean, std,
                                         batch_size, mapping)
   return _metrics(per_replica, count, 'replica', 'train')

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from parle_jax import checks
 from parle_jax import conv as conv_lib
 
 # PyTorch's BatchNorm defaults: running = 0.9 * running + 0.1 * batch.
@@ -53,18 +54,6 @@ def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
   """Batch norm that normalises with batch statistics only in train mode."""
   return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
                       epsilon=_BN_EPSILON, name=name)
-
-
-def _check_rate(field: str, rate: float) -> None:
-  """Raises ValueError unless ``0 <= rate < 1``."""
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f'{field} must be in [0, 1), got {rate!r}')
-
-
-def _check_positive(field: str, value: int) -> None:
-  """Raises ValueError unless ``value >= 1``."""
-  if value < 1:
-    raise ValueError(f'{field} must be >= 1, got {value!r}')
 
 
 def _conv(features: int, kernel_size: int, strides: int = 1, *, conv: str,
@@ -111,9 +100,9 @@ class LeNet(nn.Module):
   conv: str = 'auto'
 
   def __post_init__(self) -> None:
-    _check_positive('num_classes', self.num_classes)
-    _check_rate('dropout', self.dropout)
-    conv_lib.check_conv(self.conv)
+    checks.integer('num_classes', self.num_classes)
+    checks.fraction('dropout', self.dropout)
+    checks.choice('conv', self.conv, conv_lib.CONV_IMPLEMENTATIONS)
     super().__post_init__()
 
   @nn.compact
@@ -161,10 +150,10 @@ class AllCNN(nn.Module):
   conv: str = 'auto'
 
   def __post_init__(self) -> None:
-    _check_positive('num_classes', self.num_classes)
-    _check_rate('input_dropout', self.input_dropout)
-    _check_rate('dropout', self.dropout)
-    conv_lib.check_conv(self.conv)
+    checks.integer('num_classes', self.num_classes)
+    checks.fraction('input_dropout', self.input_dropout)
+    checks.fraction('dropout', self.dropout)
+    checks.choice('conv', self.conv, conv_lib.CONV_IMPLEMENTATIONS)
     super().__post_init__()
 
   @nn.compact
@@ -233,10 +222,10 @@ class WideResNet(nn.Module):
     if self.depth < 10 or (self.depth - 4) % 6 != 0:
       raise ValueError(
           f'depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth!r}')
-    _check_positive('width', self.width)
-    _check_positive('num_classes', self.num_classes)
-    _check_rate('dropout', self.dropout)
-    conv_lib.check_conv(self.conv)
+    checks.integer('width', self.width)
+    checks.integer('num_classes', self.num_classes)
+    checks.fraction('dropout', self.dropout)
+    checks.choice('conv', self.conv, conv_lib.CONV_IMPLEMENTATIONS)
     super().__post_init__()
 
   @nn.compact

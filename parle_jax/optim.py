@@ -164,7 +164,7 @@ def parle_parts(
       gamma = scoping(0.01, 1.0, batches_per_epoch)
     if rho is None:
       rho = scoping(1.0, 10.0, batches_per_epoch)
-  checks.positive_int('L', L)
+  checks.integer('L', L)
   inner_init, inner_step = inner_step_fns(
       inner_learning_rate, gamma, alpha=alpha, momentum=momentum,
       weight_decay=weight_decay, noise=noise, seed=seed, axis_name=axis_name)

@@ -17,13 +17,14 @@ backend (``jax.shard_map``) can replace it.
 from __future__ import annotations
 
 import functools
-import numbers
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from parle_jax import checks
 
 DEVICE_AXIS = 'device'
 REPLICA_AXIS = 'replica'
@@ -33,9 +34,7 @@ MAPPINGS = LOCAL_MAPPINGS + ('auto',)  # 'auto': the faster, measured
 
 def check_mapping(mapping: str) -> str:
   """Returns `mapping` if it is one of :data:`MAPPINGS`, else raises ValueError."""
-  if mapping not in MAPPINGS:
-    raise ValueError(f'`mapping` must be one of {MAPPINGS}, got {mapping!r}.')
-  return mapping
+  return checks.choice('mapping', mapping, MAPPINGS)
 
 
 class Replicas:
@@ -59,9 +58,7 @@ class Replicas:
 
   def __init__(self, num_replicas: int, devices: Optional[Sequence[Any]] = None,
                mapping: str = 'auto'):
-    if (isinstance(num_replicas, bool) or not isinstance(num_replicas, numbers.Integral)
-        or num_replicas < 1):
-      raise ValueError(f'`num_replicas` must be an integer >= 1, got {num_replicas!r}.')
+    checks.integer('num_replicas', num_replicas)
     self.devices = list(jax.devices() if devices is None else devices)
     if not self.devices:
       raise ValueError('`devices` must name at least one device, got an empty list.')
@@ -174,8 +171,7 @@ class Replicas:
     ``'sequential'`` it runs the replicas one after another (``lax.map``) and
     must not use collectives.
     """
-    if mapping not in LOCAL_MAPPINGS:
-      raise ValueError(f'`mapping` must be one of {LOCAL_MAPPINGS} here, got {mapping!r}.')
+    checks.choice('mapping', mapping, LOCAL_MAPPINGS)
     per_device = self.per_device
 
     def mapped(*args):

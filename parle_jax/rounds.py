@@ -27,6 +27,7 @@ import optax
 from absl import logging
 from jax import lax
 
+from parle_jax import checks
 from parle_jax import replicas as replicas_lib
 from parle_jax.optim import ParleParts
 
@@ -129,8 +130,7 @@ def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
     A :class:`RoundFn`: ``round_fn(state, data) -> (state, metrics)`` (plus the
     reference when asked), with metrics of shape ``[D, R, L]``.
   """
-  if isinstance(L, bool) or not isinstance(L, int) or L < 1:
-    raise ValueError(f'`L` must be an integer >= 1, got {L!r}.')
+  checks.integer('L', L)
   mapping = replicas_lib.check_mapping(replicas.mapping if mapping is None else mapping)
 
   def replica_round(replica_id, state: ReplicaState, data):

@@ -10,13 +10,14 @@ fixed-shape, masked batches. Needs JAX and NumPy only, never TensorFlow.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from parle_jax import checks
 
 # batch_fn(data, rng, step, replica) -> {'image': float32, 'label': int32}.
 BatchFn = Callable[[Mapping[str, Any], jax.Array, Any, Any],
@@ -30,31 +31,6 @@ _PAD_MODES = ('constant', 'edge', 'reflect', 'symmetric')
 # ----------------------------------------------------------------------------
 # Argument checks: eager ValueErrors naming the argument.
 # ----------------------------------------------------------------------------
-def _check_int(name: str, value: Any, minimum: int) -> None:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-      or value < minimum):
-    raise ValueError(f'`{name}` must be an integer >= {minimum}, got {value!r}.')
-
-
-def _check_images(name: str, images: Any) -> None:
-  if images.dtype != np.uint8 or images.ndim != 4:
-    raise ValueError(f'`{name}` must be uint8 [N, H, W, C], got '
-                     f'{images.dtype} of shape {tuple(images.shape)}.')
-
-
-def _check_labels(name: str, labels: Any, num_images: int) -> None:
-  if tuple(labels.shape) != (num_images,):
-    raise ValueError(f'`{name}` must have shape ({num_images},), one label per '
-                     f'image, got {tuple(labels.shape)}.')
-
-
-def _check_channel_stats(mean: Any, std: Any, channels: int) -> None:
-  if tuple(mean.shape) != (channels,) or tuple(std.shape) != (channels,):
-    raise ValueError(f'`mean` and `std` must have shape ({channels},), one '
-                     f'value per channel, got {tuple(mean.shape)} and '
-                     f'{tuple(std.shape)}.')
-
-
 # ----------------------------------------------------------------------------
 # Normalisation.
 # ----------------------------------------------------------------------------
@@ -84,7 +60,7 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ValueError: if ``images`` is not uint8 [N, H, W, C] with N >= 1, or has a
       constant channel (zero std).
   """
-  _check_images('images', images)
+  checks.images('images', images)
   if images.shape[0] == 0:
     raise ValueError('`images` must hold at least one image, got none.')
   frequencies = _histograms(images) / float(images[..., 0].size)
@@ -117,7 +93,7 @@ def normalize(images: Any, mean: Any, std: Any) -> Any:
   """
   if images.dtype != np.uint8:
     raise ValueError(f'`images` must be uint8, got {images.dtype}.')
-  _check_channel_stats(mean, std, images.shape[-1])
+  checks.channel_stats(mean, std, images.shape[-1])
   scaled = images.astype(np.float32) / np.float32(255.0)
   return (scaled - mean.astype(np.float32)) / std.astype(np.float32)
 
@@ -147,8 +123,8 @@ def make_subsets(num_examples: int, num_replicas: int, fraction: float,
     ValueError: for a bad ``num_examples`` or ``num_replicas``, a fraction
       outside (0, 1], or one that leaves a replica no example.
   """
-  _check_int('num_examples', num_examples, 1)
-  _check_int('num_replicas', num_replicas, 1)
+  checks.integer('num_examples', num_examples, 1)
+  checks.integer('num_replicas', num_replicas, 1)
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f'`data_fraction` (fraction of the training set per '
                      f'replica) must be in (0, 1], got {fraction!r}.')
@@ -184,10 +160,10 @@ def device_data(arrays: Mapping[str, np.ndarray], mean: Any, std: Any,
     ValueError: if shapes, dtypes or subset indices do not fit together.
   """
   image, label = arrays['image'], np.asarray(arrays['label'])
-  _check_images("arrays['image']", image)
-  _check_labels("arrays['label']", label, image.shape[0])
+  checks.images("arrays['image']", image)
+  checks.labels("arrays['label']", label, image.shape[0])
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  _check_channel_stats(mean, std, image.shape[-1])
+  checks.channel_stats(mean, std, image.shape[-1])
   data = {'image': image, 'label': label.astype(np.int32), 'mean': mean,
           'std': std}
   if subsets is not None:
@@ -240,8 +216,8 @@ def make_batch_fn(batch_size: int, *, augment: bool, padding: int = 4,
     ValueError: for a bad ``batch_size`` or ``padding``, or an unknown
       ``pad_mode``.
   """
-  _check_int('batch_size', batch_size, 1)
-  _check_int('padding', padding, 0)
+  checks.integer('batch_size', batch_size, 1)
+  checks.integer('padding', padding, 0)
   if pad_mode not in _PAD_MODES:
     raise ValueError(f'`pad_mode` must be one of {_PAD_MODES}, got '
                      f'{pad_mode!r}.')
@@ -314,10 +290,10 @@ def eval_batches(arrays: Mapping[str, np.ndarray],
     ValueError: for a bad ``batch_size`` or mismatched arrays (raised here,
       not when iterating).
   """
-  _check_int('batch_size', batch_size, 1)
+  checks.integer('batch_size', batch_size, 1)
   image, label = arrays['image'], np.asarray(arrays['label'])
-  _check_images("arrays['image']", image)
-  _check_labels("arrays['label']", label, image.shape[0])
+  checks.images("arrays['image']", image)
+  checks.labels("arrays['label']", label, image.shape[0])
   return _padded_batches(image, label.astype(np.int32), batch_size)
 
 
