@@ -259,15 +259,6 @@ def _reference_fn(replicas: replicas_lib.Replicas):
 # Host side.
 
 
-def _check_state(replicas: replicas_lib.Replicas, state: rounds.ReplicaState) -> None:
-  expected = (len(replicas.local_devices), replicas.per_device)
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-    if tuple(leaf.shape[:2]) != expected:
-      raise ValueError(
-          f'state.params{jax.tree_util.keystr(path)} has leading axes '
-          f'{tuple(leaf.shape[:2])}; the replicas need [D, R] = {list(expected)}.')
-
-
 def _check_arrays(arrays: Mapping[str, Any], name: str) -> None:
   if not isinstance(arrays, Mapping) or 'image' not in arrays or 'label' not in arrays:
     raise ValueError(f"{name} must be a dict with 'image' and 'label' arrays.")
@@ -387,7 +378,7 @@ def evaluate(model: nn.Module, replicas: replicas_lib.Replicas,
       missing or empty `bn_batches`, or an unknown mapping.
   """
   checks.choice('mapping', mapping, EVAL_MAPPINGS)
-  _check_state(replicas, state)
+  replicas.check_stacked(state.params, 'state.params')
   _check_arrays(test_arrays, 'test_arrays')
   image_shape = tuple(np.shape(test_arrays['image'])[1:])
   checks.channel_stats(mean, std, image_shape[-1])
@@ -440,7 +431,7 @@ def train_error_and_loss(model: nn.Module, replicas: replicas_lib.Replicas,
       wrong shape, a state of another layout or an unknown mapping.
   """
   checks.choice('mapping', mapping, EVAL_MAPPINGS)
-  _check_state(replicas, state)
+  replicas.check_stacked(state.params, 'state.params')
   _check_arrays(arrays, 'arrays')
   if max_examples is not None:
     if isinstance(max_examples, bool) or int(max_examples) != max_examples or max_examples < 1:

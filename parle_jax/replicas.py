@@ -148,6 +148,21 @@ class Replicas:
           [shard.data for shard in x.addressable_shards])
     return jax.tree.map(to_global, tree)
 
+  def check_stacked(self, tree: Any, name: str = 'state') -> None:
+    """Raises ValueError unless every leaf of `tree` has leading axes ``[D_local, R]``.
+
+    The layout of this process's replicas (:meth:`shard`'s output), checked
+    where stacked arrays come in, so that a wrong layout is named instead of
+    failing as a shape error inside ``pmap``.
+    """
+    expected = (len(self.local_devices), self.per_device)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      if tuple(np.shape(leaf)[:2]) != expected:
+        raise ValueError(
+            f'{name}{jax.tree_util.keystr(path)} has leading axes {tuple(np.shape(leaf)[:2])}; '
+            f'the replicas need [D, R] = {list(expected)} (devices of this process, '
+            'replicas per device).')
+
   def unshard(self, tree: Any) -> Any:
     """``[D, R, ...]`` device arrays -> ``[n_local, ...]`` NumPy arrays."""
     def get(x):

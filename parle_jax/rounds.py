@@ -277,6 +277,7 @@ class RoundFn:
     return time.perf_counter() - start
 
   def __call__(self, state: ReplicaState, data):
+    self.replicas.check_stacked(state.params, 'state.params')
     if self.passes_batches:
       data = self._check_batches(data)
     if self._mapping == 'auto':

@@ -1,5 +1,6 @@
 """Exact reductions, optax composition, noise and argument checks of parle_jax.optim."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,3 +264,50 @@ def test_parle_takes_exactly_the_arguments_of_parle_parts():
       inspect.signature(parle_jax.parle_parts).parameters)
   with pytest.raises(TypeError, match='lr'):
     parle_jax.parle(0.1, gamma=0.1, rho=0.1, lr=0.2)
+
+
+class TransformVariantsTest(chex.TestCase):
+  """The transforms compute the same steps jitted, not jitted and pmapped (chex variants).
+
+  Each variant runs a few updates of one replica (``axis_name=None``; under
+  ``with_pmap`` chex maps it over the devices, each with the same inputs) and
+  is compared with the independent float64 references.
+  """
+
+  def _steps(self, tx, steps, x0, inputs, targets):
+    params = problems.to_params(x0)
+    state = tx.init(params)
+    update = self.variant(lambda g, s, p: tx.update(g, s, p))
+    trajectory = []
+    for t in range(steps):
+      grads = jax.grad(problems.single_loss)(params, {'x': inputs[t, :, :problems.FEATURES],
+                                                      'y': targets[t]})
+      updates, state = update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+      trajectory.append(params)
+    chex.assert_tree_all_finite(params)
+    return trajectory, state
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_entropy_sgd_matches_the_reference(self):
+    L, rounds = 3, 2
+    x0, inputs, targets = problems.make_problem(1, rounds * L, seed=3)
+    tx = parle_jax.parle(0.5, L=L, gamma=0.2, rho=0.0)
+    trajectory, state = self._steps(tx, rounds * L, x0[0], inputs[0], targets[0])
+    want = reference_parle.entropy_sgd(x0[0].astype(np.float64), inputs[0], targets[0], L=L,
+                                       rounds=rounds, lr=lambda k: 0.5, gamma=lambda k: 0.2)
+    for k in range(rounds):
+      got = problems.from_params(jax.device_get(trajectory[(k + 1) * L - 1]))
+      assert problems.relative_error(got, want[k]) < 1e-5
+    chex.assert_trees_all_equal(int(np.asarray(state.coupling.count).reshape(-1)[0]), rounds)
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_elastic_sgd_with_one_replica_is_nesterov_sgd_with_weight_decay(self):
+    x0, inputs, targets = problems.make_problem(1, 4, seed=4)
+    elastic, _ = self._steps(parle_jax.elastic_sgd(0.05, rho=1.0, weight_decay=0.1), 4,
+                             x0[0], inputs[0], targets[0])
+    sgd = optax.chain(optax.add_decayed_weights(0.1),
+                      optax.sgd(0.05, momentum=0.9, nesterov=True))
+    reference, _ = self._steps(sgd, 4, x0[0], inputs[0], targets[0])
+    chex.assert_trees_all_close(jax.device_get(elastic), jax.device_get(reference),
+                                rtol=1e-6, atol=1e-7)

@@ -306,6 +306,12 @@ def test_mismatched_batch_axes_raise():
     round_fn(state, problems.to_batches(inputs, targets))  # L + 1 steps
   with pytest.raises(ValueError, match='batch leaf'):
     round_fn(state, problems.to_batches(inputs[:2], targets[:2], slice(0, L)))
+  # A state of another layout (here: the replicas' params unstacked) is named, not
+  # left to fail as a shape error inside pmap.
+  flat = state._replace(params=jax.tree.map(lambda x: x[0], state.params))
+  with pytest.raises(ValueError, match=r"state.params\['b'\] has leading axes \(3,\); "
+                                       r'the replicas need \[D, R\] = \[1, 3\]'):
+    round_fn(flat, problems.to_batches(inputs, targets, slice(0, L)))
 
 
 def test_layout_errors():
