@@ -11,6 +11,7 @@ float rounding; a checkpoint taken on one path resumes on the other.
 
 import re
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -119,6 +120,7 @@ def test_fused_xla_fused_matmul_and_per_step_agree(setting, n):
       assert error < 2e-5, f'{name} {part}: relative difference {error:.2e}'
   np.testing.assert_allclose(matmul_losses, xla_losses, rtol=1e-4)
   np.testing.assert_allclose(step_losses, xla_losses, rtol=1e-4)
+  chex.assert_tree_all_finite((xla_state, matmul_state, params, model_state))
   # The runs moved: the paths agree on a trajectory, not on the starting point.
   assert _relative(expected['params'], _variables(n)[0]) > 1e-3
   assert np.all(np.isfinite(xla_losses))

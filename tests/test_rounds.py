@@ -6,6 +6,7 @@ Each replica starts from its own random weights and reads its own batches.
 
 import re
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -113,8 +114,8 @@ def test_per_step_and_fused_agree(problem):
   fused, _, _ = run_fused('scoped', *problem, jax.devices()[:1], 'sequential')
   per_step = run_per_step('scoped', *problem)
   for got, want in zip(fused, per_step):
-    np.testing.assert_allclose(got['params'], want['params'], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got['losses'], want['losses'], rtol=1e-6)
+    chex.assert_trees_all_close(got['params'], want['params'], rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(got['losses'], want['losses'], rtol=1e-6)
 
 
 def test_reference_is_mean_of_anchors(problem):
