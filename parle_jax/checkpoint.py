@@ -30,12 +30,15 @@ class Checkpointer:
 
   Each checkpoint holds the replica state and a small JSON record (the round
   index and whatever the caller adds, e.g. the config), under
-  ``directory/<round>``. The newest `max_to_keep` are kept.
+  ``directory/<round>``. The newest `max_to_keep` are kept (None: all); a
+  directory that holds more when it is opened (a process killed between
+  writing a checkpoint and deleting the oldest, or a lower `max_to_keep`) is
+  pruned to them.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3):
-    if max_to_keep < 1:
-      raise ValueError(f'`max_to_keep` must be >= 1, got {max_to_keep!r}.')
+  def __init__(self, directory: str, *, max_to_keep: Optional[int] = 3):
+    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+      raise ValueError(f'`max_to_keep` must be an integer >= 1 or None, got {max_to_keep!r}.')
     self.directory = os.path.abspath(directory)
     self._remove_unfinished()
     # orbax's own clean-up of unfinished checkpoints runs in a background thread,
@@ -45,6 +48,9 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                              enable_async_checkpointing=False))
+    if max_to_keep is not None:
+      for old in self.rounds()[:-max_to_keep]:
+        self._manager.delete(old)
 
   def _remove_unfinished(self) -> None:
     """Deletes checkpoints a killed process left half written (orbax's temporary dirs)."""

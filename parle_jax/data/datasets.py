@@ -14,6 +14,7 @@ Statistics and on-device sampling of the loaded arrays are in
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gzip
 import os
 import pathlib
@@ -77,6 +78,8 @@ FASHION_MNIST_FILES = {
     'test_labels': 't10k-labels-idx1-ubyte.gz',
 }
 _FASHION_MNIST_SIZES = {'train': 60_000, 'test': 10_000}
+# Errors that writing into data_dir meets when it is read-only, not ours or full.
+_CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 # Examples per tf.data batch when converting a TFDS split to NumPy. (The
 # whole split at once, batch_size=-1, kills the process under
 # tfds.testing.mock_data.)
@@ -269,6 +272,8 @@ def prepare(name: str, data_dir: PathLike, *,
   try:
     builder.download_and_prepare()
   except (OSError, tfds.download.DownloadError) as err:  # offline: OSError
+    if isinstance(err, OSError) and err.errno in _CANNOT_WRITE:
+      raise  # not the network: data_dir is read-only or full (see _build_cache)
     raise DataUnavailableError(_how_to_get(name, data_dir, fashion_dir)) from err
   return builder
 
@@ -305,25 +310,46 @@ def cache_path(name: str, split: str, data_dir: PathLike) -> pathlib.Path:
 
 def _save_atomically(path: pathlib.Path,
                      arrays: Mapping[str, np.ndarray]) -> None:
-  """Writes an .npz so that no reader ever sees a partial file."""
+  """Writes an .npz so that no reader ever sees a partial file.
+
+  The file gets the mode the umask gives new files (e.g. 0644), so that
+  other users of a shared data directory can read it.
+  """
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f'.{path.name}.',
                                    suffix='.tmp', delete=False) as f:
     try:
       np.savez(f, **arrays)
+      os.chmod(f.name, 0o666 & ~_umask())  # NamedTemporaryFile made it 0600
     except BaseException:
       os.unlink(f.name)
       raise
   os.replace(f.name, path)
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)  # reading the umask means setting it
+  os.umask(mask)
+  return mask
+
+
 def _build_cache(info: DatasetInfo, data_dir: PathLike,
                  manual_dir: PathLike | None) -> None:
   """Prepares a dataset with TFDS and caches its two splits as .npz files."""
-  builder = prepare(info.name, data_dir, manual_dir=manual_dir)
-  for split in (info.train_split, info.test_split):
-    _save_atomically(cache_path(info.name, split, data_dir),
-                     _split_to_numpy(builder, split))
+  try:
+    builder = prepare(info.name, data_dir, manual_dir=manual_dir)
+    for split in (info.train_split, info.test_split):
+      _save_atomically(cache_path(info.name, split, data_dir),
+                       _split_to_numpy(builder, split))
+  except OSError as err:
+    if err.errno not in _CANNOT_WRITE:
+      raise
+    where = f' ({err.filename})' if err.filename else ''
+    raise DataUnavailableError(
+        f'cannot prepare {info.name} in the data directory {data_dir}: '
+        f'{err.strerror}{where}. Point the data directory (config.data_dir or '
+        f'$PARLE_DATA_DIR) at a writable place with free space, or copy '
+        f'{info.name}/*.npz there from a machine where it was prepared.') from err
 
 
 def _cache_problem(arrays: Mapping[str, np.ndarray],
