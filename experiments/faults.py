@@ -3,7 +3,7 @@
 * SIGTERM or SIGINT (:class:`StopSignals`): the run finishes its round, saves a
   checkpoint and raises :class:`TrainingInterrupted`; the binary exits with
   :data:`EXIT_INTERRUPTED` and running it again resumes. A second SIGINT
-  interrupts at once (KeyboardInterrupt).
+  interrupts at once (KeyboardInterrupt, exit :data:`EXIT_STOPPED_AT_ONCE`).
 * A NaN or Inf in a replica's loss or params (:func:`check_round`): the run
   stops with :class:`DivergenceError` (exit :data:`EXIT_DIVERGED`), naming the
   round and the replica and keeping the last good checkpoint; or, with
@@ -11,8 +11,12 @@
   learning rates times ``config.rollback_lr_factor``, at most
   ``config.max_rollbacks`` times.
 * A workdir whose checkpoint (or ``config.json``) comes from another config
-  (:func:`open_workdir`): refused with :class:`ConfigMismatchError`, unless
-  told to overwrite.
+  (:func:`check_workdir`): refused with :class:`ConfigMismatchError`, unless
+  told to overwrite; one that is a file or cannot be written, or holds a
+  corrupt ``config.json``: :class:`errors.WorkdirError`. Nothing is written
+  into the workdir before the run is planned (:func:`open_workdir`).
+* Bad input and a full disk (:func:`exit_code`, :mod:`experiments.errors`):
+  one line naming the value or path and what to do, exit status 1.
 
 With several processes every decision (stop, diverged) is taken on the same
 all-reduced numbers, so all processes stop at the same round.
@@ -27,6 +31,7 @@ import shutil
 import signal
 import sys
 import threading
+import traceback
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -35,12 +40,13 @@ import numpy as np
 from absl import logging
 from jax import lax
 
-from experiments import distributed
+from experiments import distributed, errors, metric_writer
 from parle_jax import checkpoint
 from parle_jax import replicas as replicas_lib
 
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL (sysexits.h): run again to resume.
+EXIT_STOPPED_AT_ONCE = 130  # 128 + SIGINT, as shells report a process killed by it.
 
 # Config fields that may differ between a run and its resumption: they change
 # what is logged, evaluated or kept, how fast it runs, or how long it goes on,
@@ -63,7 +69,7 @@ class TrainingInterrupted(Exception):
   """SIGTERM/SIGINT stopped the run after a checkpoint; running again resumes."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(errors.ConfigError):
   """The workdir holds a run of another config."""
 
 
@@ -76,17 +82,29 @@ class StopSignals:
 
   A context manager; outside the main thread it installs nothing. ``received``
   is the first signal's number (None until one arrives). A second SIGINT
-  raises KeyboardInterrupt at once.
+  raises KeyboardInterrupt at once, also when it arrives before Python ran the
+  handler of the first (CPython then calls the handler once for both): the
+  signals are counted through :func:`signal.set_wakeup_fd`, to which the
+  C-level handler writes one byte per delivered signal.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.received: Optional[int] = None
+    self._count = 0
     self._previous = {}
+    self._wakeup: Optional[tuple[int, int]] = None  # the pipe (read end, write end)
+    self._previous_wakeup = -1
+    self._wakeup_works = False
 
   def __enter__(self) -> 'StopSignals':
     if threading.current_thread() is threading.main_thread():
+      read_end, write_end = os.pipe()
+      for fd in (read_end, write_end):
+        os.set_blocking(fd, False)
+      self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+      self._wakeup = (read_end, write_end)
       for signum in self.SIGNALS:
         self._previous[signum] = signal.signal(signum, self._handle)
     return self
@@ -95,11 +113,37 @@ class StopSignals:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
     self._previous = {}
+    if self._wakeup is not None:
+      signal.set_wakeup_fd(self._previous_wakeup)
+      for fd in self._wakeup:
+        os.close(fd)
+      self._wakeup = None
+
+  def _delivered(self) -> int:
+    """How many of our signals arrived since the last call."""
+    received = b''
+    while self._wakeup is not None:
+      try:
+        chunk = os.read(self._wakeup[0], 512)
+      except BlockingIOError:
+        break
+      if not chunk:
+        break
+      received += chunk
+    if received:
+      self._wakeup_works = True
+      return sum(received.count(bytes([s])) for s in self.SIGNALS)
+    # Nothing: an earlier call counted this signal's byte -- or no byte ever
+    # comes (no wakeup fd outside the main thread, or another took it over).
+    return 0 if self._wakeup_works else 1
 
   def _handle(self, signum, frame) -> None:
     del frame
-    if self.received is not None and signum == signal.SIGINT:
+    self._count += self._delivered()
+    if self._count > 1 and signum == signal.SIGINT:
       raise KeyboardInterrupt
+    if self.received is not None:
+      return
     self.received = signum
     print(f'received {signal.Signals(signum).name}: stopping at the end of this round, '
           'after a checkpoint (send SIGINT again to stop at once)', file=sys.stderr, flush=True)
@@ -210,56 +254,118 @@ def _clear_outputs(workdir: str) -> None:
     logging.warning('--overwrite: deleted %s', path)
 
 
-def open_workdir(workdir: str, config_json: str, *, keep_checkpoints: int,
-                 overwrite: bool = False) -> checkpoint.Checkpointer:
-  """Checks that `workdir` may receive this run, writes its config.json, opens its checkpoints.
+def _check_place(workdir: str) -> None:
+  """Refuses a workdir that is (or lies under) a file, or that this user cannot write."""
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    under = '' if existing == os.path.abspath(workdir) else f' ({existing} is a file)'
+    raise errors.WorkdirError(f'--workdir={workdir} is a file, not a directory{under}: choose '
+                              'another --workdir.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    raise errors.WorkdirError(
+        f'--workdir={workdir} cannot be written: {existing} is '
+        + ('on a read-only file system' if read_only else 'not writable by this user')
+        + '. Choose a writable --workdir (or make it writable).')
+
+
+def _read_config_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+    stored, problem = None, f'{type(err).__name__}: {err}'
+  else:
+    problem = f'it holds a {type(stored).__name__}, not a config'
+  if not isinstance(stored, dict):
+    raise errors.WorkdirError(
+        f'{path} is not a valid config ({problem}). A run writes it before its first '
+        'checkpoint and there is no checkpoint yet: delete it, or pass --overwrite, to start '
+        'afresh.')
+  return stored
+
+
+def check_workdir(workdir: str, config_json: str, *, overwrite: bool = False) -> dict:
+  """Checks that `workdir` may receive this run, writing nothing; returns what it resumes.
 
   A workdir that holds a checkpoint (or, before the first checkpoint, a
   ``config.json``) of a config that differs in a field outside
-  :data:`RESUMABLE_FIELDS` is refused. With `overwrite`, the previous run's
-  outputs (:data:`WORKDIR_OUTPUTS`) are deleted first and the run starts afresh.
+  :data:`RESUMABLE_FIELDS` is refused, unless `overwrite`.
+
+  Returns:
+    The record of the newest checkpoint (``{}`` when there is none, or with
+    `overwrite`).
 
   Raises:
     ConfigMismatchError: naming the fields that differ.
+    errors.WorkdirError: `workdir` is a file or cannot be written, or its
+      ``config.json`` is corrupt.
   """
-  current = json.loads(config_json)
-  if overwrite and distributed.is_primary():
-    _clear_outputs(workdir)
-  distributed.barrier('open_workdir')
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         max_to_keep=keep_checkpoints)
-  stored, source = None, None
-  if checkpointer.latest_round() is not None:
-    stored = checkpointer.read_record().get('config')
-    source = f'the checkpoint after round {checkpointer.latest_round()}'
-  elif os.path.exists(os.path.join(workdir, 'config.json')):
-    with open(os.path.join(workdir, 'config.json')) as f:
-      stored, source = json.load(f), 'config.json'
-  differences = config_differences(stored, current) if stored is not None else []
+  _check_place(workdir)
+  if overwrite:
+    return {}
+  record, stored, source = {}, None, None
+  directory = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(directory):
+    reader = checkpoint.Checkpointer(directory, max_to_keep=None)
+    try:
+      if reader.latest_round() is not None:
+        record = reader.read_record()
+        stored = record.get('config')
+        source = f'the checkpoint after round {reader.latest_round()}'
+    finally:
+      reader.close()
+  if source is None and os.path.exists(os.path.join(workdir, 'config.json')):
+    stored, source = _read_config_json(os.path.join(workdir, 'config.json')), 'config.json'
+  differences = config_differences(stored, json.loads(config_json)) if stored is not None else []
   if differences:
-    checkpointer.close()
     raise ConfigMismatchError(
         f'--workdir={workdir} holds a run of another config ({source}): '
         + '; '.join(differences) + '. Use another --workdir, run with the same config to '
         'resume it, or pass --overwrite to delete its outputs and start afresh.')
+  return record
+
+
+def open_workdir(workdir: str, config_json: str, *, keep_checkpoints: int,
+                 overwrite: bool = False) -> checkpoint.Checkpointer:
+  """Checks `workdir` (:func:`check_workdir`), writes its config.json, opens its checkpoints.
+
+  With `overwrite`, the previous run's outputs (:data:`WORKDIR_OUTPUTS`) are
+  deleted first and the run starts afresh. ``config.json`` is written to a
+  temporary file and renamed, so that a kill never leaves it torn.
+  """
+  check_workdir(workdir, config_json, overwrite=overwrite)
   distributed.barrier('workdir_checked')  # every process has read the old config.json
   if distributed.is_primary():
+    if overwrite:
+      _clear_outputs(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_json)
-  return checkpointer
+    metric_writer.write_atomically(os.path.join(workdir, 'config.json'), config_json)
+  distributed.barrier('open_workdir')
+  return checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                 max_to_keep=keep_checkpoints)
 
 
 # ----------------------------------------------------------------------------
 # Exit codes.
 
 
-def exit_code(fn: Callable[[], Any]) -> int:
+def exit_code(fn: Callable[[], Any], *, workdir: Optional[str] = None) -> int:
   """Runs `fn` (the whole run); returns the binary's exit status.
 
   0 when it finishes, :data:`EXIT_INTERRUPTED` after SIGTERM/SIGINT,
-  :data:`EXIT_DIVERGED` when training diverged. Other errors propagate (exit
-  status 1) -- except with several processes, where this process exits at once
+  :data:`EXIT_DIVERGED` when training diverged, :data:`EXIT_STOPPED_AT_ONCE`
+  after a second SIGINT. Bad input (:func:`errors.user_message`: a config,
+  flag, data or workdir error, a full disk, an unwritable directory) prints
+  one line and returns 1; its traceback only with ``--verbosity=1``. After a
+  full disk, or with several processes, the process exits at once (status 1):
+  orbax's threads fill the interpreter's shutdown with errors about the
+  failed write, and peers blocked in a collective should fail fast.
+
+  Other errors are bugs and propagate (exit status 1, with a traceback) --
+  except with several processes, where this process exits at once
   (:data:`distributed.EXIT_PEER_LOST` when a collective failed, most likely
   because another process died; 1 otherwise) so that its peers, blocked in a
   collective with it, fail fast instead of waiting for the shutdown timeout.
@@ -273,7 +379,22 @@ def exit_code(fn: Callable[[], Any]) -> int:
   except DivergenceError as err:
     logging.error('%s', err)
     return EXIT_DIVERGED
+  except KeyboardInterrupt:
+    print('Stopped at once by a second SIGINT; run the same command again to resume from the '
+          'last checkpoint.', file=sys.stderr, flush=True)
+    return EXIT_STOPPED_AT_ONCE
   except Exception as err:  # pylint: disable=broad-except
+    message = errors.user_message(err, workdir)
+    if message is not None:
+      several = jax.distributed.is_initialized()
+      if logging.get_verbosity() >= 1:
+        traceback.print_exception(err)
+      print(f'error: {message}' if not several else
+            f'error (process {jax.process_index()} of {jax.process_count()}): {message}',
+            file=sys.stderr, flush=True)
+      if several or errors.disk_full(err):
+        errors.exit_now(1)
+      return 1
     if jax.process_count() == 1:
       raise
     lost = isinstance(err, jax.errors.JaxRuntimeError)
@@ -282,7 +403,4 @@ def exit_code(fn: Callable[[], Any]) -> int:
         'a collective with the other processes failed; most likely another process died '
         '(see its log). Restart all processes to resume from the last checkpoint.'
         if lost else 'this process failed; stopping it now so that the others stop too.')
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(distributed.EXIT_PEER_LOST if lost else 1)  # pylint: disable=protected-access
+    errors.exit_now(distributed.EXIT_PEER_LOST if lost else 1)

@@ -3,6 +3,10 @@
 TensorBoard events are written with TensorBoard's own event-file writer (no
 TensorFlow needed). Per-replica lists become one scalar per replica
 (``replica/test_error/0``, ...). Only process 0 writes.
+
+A record is appended with one write; a kill or a full disk during it can
+leave the last line torn, which the next run drops (it comes after the last
+checkpoint). Rewrites go through a temporary file and a rename.
 """
 
 from __future__ import annotations
@@ -13,8 +17,26 @@ import time
 from typing import Any, Mapping
 
 import jax
+from absl import logging
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from experiments import errors
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Writes `text` to a temporary file and renames it to `path`: never a torn file."""
+  temporary = f'{path}.tmp'
+  try:
+    with open(temporary, 'w') as f:  # as open() does, the umask decides the mode
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
 
 
 class MetricWriter:
@@ -26,17 +48,39 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._drop_records_after(resume_round)
+    if resume_round == 0:  # a run from the start starts a new log
+      open(self.path, 'w').close()  # (truncates a symlink's target, as for /dev/full in tests)
+    else:
+      self._drop_records_after(resume_round)
     self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
 
   def _drop_records_after(self, resume_round: int) -> None:
-    """On resume, forget what a killed run logged after its last checkpoint."""
+    """On resume, forget what a killed run logged after its last checkpoint.
+
+    A torn last line (a kill or a full disk during its write) is dropped; a
+    line that is not a record elsewhere is refused, naming it.
+    """
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['round'] <= resume_round]
-    with open(self.path, 'w') as f:
-      f.writelines(kept)
+      lines = [line for line in f if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+      try:
+        record = json.loads(line)
+        round_index = int(record['round'])
+      except (ValueError, KeyError, TypeError) as err:
+        if number == len(lines):
+          logging.warning('%s: dropped its torn last line %r (written after the last '
+                          'checkpoint)', self.path, line[:80])
+          continue
+        raise errors.WorkdirError(
+            f'{self.path}, line {number}, is not a record ({type(err).__name__}: {err}): '
+            'only the last line can be torn. Delete or fix that line (the log only; the '
+            'checkpoints hold the run).') from err
+      if round_index <= resume_round:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    write_atomically(self.path, ''.join(kept))
 
   def rewind(self, round_index: int) -> None:
     """Forgets the records after `round_index` (training went back to that round)."""
@@ -47,8 +91,13 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {'round': int(round_index), 'time': time.time(), **scalars}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    try:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    except OSError as err:  # a full disk: the error of the write names no file
+      if err.filename:
+        raise
+      raise OSError(err.errno, err.strerror, self.path) from err
     values = []
     for name, value in scalars.items():
       if isinstance(value, (list, tuple)):

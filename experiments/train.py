@@ -13,10 +13,12 @@ holding a run of another config is refused unless ``--overwrite`` is given.
 Several processes (hosts) run one job with ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` (see :mod:`experiments.distributed`).
 
-Exit status: 0 done; 1 an error (bad config or data, ...);
-3 (``faults.EXIT_DIVERGED``) a NaN/Inf in a replica's loss or params, the last
-good checkpoint kept; 75 (``faults.EXIT_INTERRUPTED``) SIGTERM/SIGINT, a
-checkpoint saved at the end of the round, run again to resume; 69
+Exit status: 0 done; 1 an error: bad input (config, flags, data, workdir, a
+full disk) prints one line saying what to fix (``--verbosity=1`` adds the
+traceback), a bug its traceback; 3 (``faults.EXIT_DIVERGED``) a NaN/Inf in a
+replica's loss or params, the last good checkpoint kept; 75
+(``faults.EXIT_INTERRUPTED``) SIGTERM/SIGINT, a checkpoint saved at the end of
+the round, run again to resume; 130 a second SIGINT, stopped at once; 69
 (``distributed.EXIT_PEER_LOST``) a collective failed because another process
 died (JAX may instead abort the process, status 134, when its heartbeats stop).
 """
@@ -39,7 +41,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import parle_jax
-from experiments import distributed, faults, metric_writer, optimizers
+from experiments import distributed, errors, faults, metric_writer, optimizers
 from experiments.configs import base
 from parle_jax import checkpoint, data, evaluate, models, training
 from parle_jax import conv as conv_lib
@@ -75,25 +77,26 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict, *, mapping: Optional[str] = None,
                conv: Optional[str] = None):
-    base.validate(config)
-    self.config = config
-    self.conv = conv_lib.resolve_conv(conv or config.conv)
-    self.info = data.dataset_info(config.dataset)
-    self.train_arrays, self.test_arrays = distributed.primary_first(  # prepares data once
-        lambda: [data.load(config.dataset, split, data_dir(config))
-                 for split in (self.info.train_split, self.info.test_split)], 'data')
-    self.mean, self.std = data.channel_stats(self.train_arrays['image'])
-    num_train = len(self.train_arrays['label'])
-    self.plan = optimizers.make_plan(config, num_train, jax.device_count())
-    self.replicas = parle_jax.Replicas(self.plan.num_replicas,
-                                       devices=optimizers.select_devices(self.plan),
-                                       mapping=mapping or self.plan.mapping)
+    with errors.config_errors():  # a ValueError here is a setting that does not fit
+      base.validate(config)
+      self.config = config
+      self.conv = conv_lib.resolve_conv(conv or config.conv)
+      self.info = data.dataset_info(config.dataset)
+      self.train_arrays, self.test_arrays = distributed.primary_first(  # prepares data once
+          lambda: [data.load(config.dataset, split, data_dir(config))
+                   for split in (self.info.train_split, self.info.test_split)], 'data')
+      self.mean, self.std = data.channel_stats(self.train_arrays['image'])
+      num_train = len(self.train_arrays['label'])
+      self.plan = optimizers.make_plan(config, num_train, jax.device_count())
+      self.replicas = parle_jax.Replicas(self.plan.num_replicas,
+                                         devices=optimizers.select_devices(self.plan),
+                                         mapping=mapping or self.plan.mapping)
+      if config.compare_to_sgd and jax.process_count() > 1:
+        raise ValueError(
+            f'config.compare_to_sgd=True is invalid with {jax.process_count()} processes: '
+            'SGD trains one model on one device; run the SGD baselines on their own.')
     self.model = models.create_model(config.model, self.info.num_classes, conv=self.conv,
                                      **config.model_kwargs.to_dict())
-    if config.compare_to_sgd and jax.process_count() > 1:
-      raise ValueError(
-          f'config.compare_to_sgd=True is invalid with {jax.process_count()} processes: '
-          'SGD trains one model on one device; run the SGD baselines on their own.')
     subsets = None
     if config.data_fraction < 1 and self.plan.optimizer != 'data_parallel_sgd':
       subsets = data.make_subsets(num_train, self.plan.num_replicas, config.data_fraction,
@@ -226,23 +229,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replica and their ensemble, distances, train error) with the budget spent.
 
   Raises:
-    ValueError: for an invalid config (naming the field, its value and what is
+    errors.ConfigError: (a ValueError) for an invalid config, or one that does
+      not fit the data or devices (naming the field, its value and what is
       allowed); :class:`ConfigMismatchError` if `workdir` holds a run of
-      another config and not `overwrite`.
+      another config and not `overwrite`. Nothing is written into `workdir`
+      until the run is planned.
+    errors.WorkdirError: `workdir` is a file, cannot be written, or holds a
+      corrupt ``config.json``.
     DivergenceError: when a replica's loss or params become NaN/Inf (with
       ``config.on_divergence='rollback'``: again after ``config.max_rollbacks``
       rollbacks); the last good checkpoint is kept.
     TrainingInterrupted: after SIGTERM/SIGINT, once the round ended and a
       checkpoint was saved.
   """
-  base.validate(config)
+  with errors.config_errors():
+    base.validate(config)
   config_json = config.to_json_best_effort(sort_keys=True)
   with faults.StopSignals() as signals:
+    record = faults.check_workdir(workdir, config_json, overwrite=overwrite)  # before the data
+    experiment = Experiment(config, **started_with(config, record))  # data, plan: nothing written
     checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,
                                        keep_checkpoints=config.keep_checkpoints)
     try:
-      record = checkpointer.read_record() if checkpointer.latest_round() is not None else {}
-      experiment = Experiment(config, **started_with(config, record))
       state, results, train_seconds = _train(experiment, workdir, config_json, checkpointer,
                                              signals)
     finally:
@@ -334,13 +342,15 @@ def _train(experiment: Experiment, workdir: str, config_json: str,
           bar.update(rounds_done)
           compiled = False
           continue
+        afresh = ('lower config.learning_rate / config.inner_learning_rate and start afresh '
+                  '(--overwrite or another --workdir)')
         if config.on_divergence == 'rollback':
           problem += (f' after {rollbacks} rollbacks (config.max_rollbacks='
                       f'{config.max_rollbacks}) with the learning rates x{lr_scale:g}')
-        raise DivergenceError(
-            f'Training diverged: {problem}. Stopping; {kept}. Lower config.learning_rate / '
-            'config.inner_learning_rate and start afresh (--overwrite or another --workdir), '
-            "or resume with --config.on_divergence=rollback.")
+          advice = f'Resume with a larger --config.max_rollbacks, or {afresh}.'
+        else:
+          advice = f'Resume with --config.on_divergence=rollback, or {afresh}.'
+        raise DivergenceError(f'Training diverged: {problem}. Stopping; {kept}. {advice}')
       window_losses.append(report.metrics['loss'])
       window_errors.append(report.metrics['error'])
       bar.update(1)
@@ -424,9 +434,14 @@ def _compare_to_sgd(config, plan, results, workdir) -> dict[str, Any]:
 
 
 def quiet_orbax_logs() -> None:
-  """Keeps only orbax's warnings in the absl log (it logs every step of every save at INFO)."""
+  """Keeps only orbax's warnings in the absl log (it logs every step of every save at INFO).
+
+  Also drops the noise of a save that failed for a full disk, which
+  :func:`faults.exit_code` reports in one line (:func:`errors.quiet_failed_saves`).
+  """
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
+  errors.quiet_failed_saves()
 
 
 def main(argv):
@@ -435,13 +450,17 @@ def main(argv):
   if _WORKDIR.value is None or _CONFIG.value is None:
     raise app.UsageError('--config and --workdir are required.')
   quiet_orbax_logs()
-  distributed.initialize()  # several processes if the flags or the environment say so
-  distributed.enable_compilation_cache(_COMPILATION_CACHE.value)
-  if not distributed.is_primary():
-    logging.set_verbosity(logging.WARNING)  # process 0 tells the story
-  return faults.exit_code(
-      lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value))
+
+  def run():
+    with errors.config_errors():
+      distributed.initialize()  # several processes if the flags or the environment say so
+    distributed.enable_compilation_cache(_COMPILATION_CACHE.value)
+    if not distributed.is_primary():
+      logging.set_verbosity(logging.WARNING)  # process 0 tells the story
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+
+  return faults.exit_code(run, workdir=_WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)
