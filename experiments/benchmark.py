@@ -359,9 +359,14 @@ def main(argv):
                 wrn_image_shape=[int(d) for d in FLAGS.wrn_image_shape],
                 dataset_size=FLAGS.dataset_size, optimizers=FLAGS.optimizers,
                 optimizer_replicas=FLAGS.optimizer_replicas)
-  print(format_report(results))
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, 'w') as f:
+  print_and_save(format_report(results), results, FLAGS.json_out)
+
+
+def print_and_save(report: str, results: dict[str, Any], json_out: str | None) -> None:
+  """Prints a benchmark's report and, if `json_out` names a file, writes its results there."""
+  print(report)
+  if json_out:
+    with open(json_out, 'w') as f:
       json.dump(results, f, indent=2)
 
 

@@ -32,7 +32,6 @@ SGD n=1 and Parle n=3 at :data:`TARGET_FRACTION` of the matmul rate or more.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -214,10 +213,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   results = measure(FLAGS.models, L=FLAGS.L, repeats=FLAGS.repeats,
                     dataset_size=FLAGS.dataset_size)
-  print(format_report(results))
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, 'w') as f:
-      json.dump(results, f, indent=2)
+  benchmark.print_and_save(format_report(results), results, FLAGS.json_out)
 
 
 if __name__ == '__main__':

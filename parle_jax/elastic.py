@@ -93,6 +93,28 @@ def _pulled_step(base: Params, params: Params, center: Params, velocity: Params,
   return jax.tree.map(lambda d: -step_size * d, direction), velocity
 
 
+def _elastic_transform(name: str, state_class, lr_fn, rho_fn, momentum: float,
+                       base_and_center) -> optax.GradientTransformation:
+  """A transform whose update is :func:`_pulled_step` on ``base_and_center(grads, params)``.
+
+  The shape shared by :func:`elastic_coupling` and :func:`elastic_sgd`: state
+  ``state_class(count, momentum)``, schedules evaluated at ``count``.
+  """
+
+  def init_fn(params):
+    return state_class(count=jnp.zeros([], jnp.int32), momentum=optax.tree.zeros_like(params))
+
+  def update_fn(grads, state, params=None):
+    if params is None:
+      raise ValueError(f'{name} needs `params` in update().')
+    base, center = base_and_center(grads, params)
+    updates, velocity = _pulled_step(base, params, center, state.momentum,
+                                     rho_fn(state.count), lr_fn(state.count), momentum)
+    return updates, state_class(count=optax.safe_increment(state.count), momentum=velocity)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def outer_step(entropy_grad: Params, anchor: Params, average: Params, velocity: Params,
                 step_size: jax.Array, pull: jax.Array, momentum: float,
                 axis_name: AxisName) -> tuple[Params, Params]:
@@ -173,21 +195,12 @@ def elastic_coupling(
   """
   lr_fn, rho_fn, axis_name = coupling_schedules(learning_rate, rho, momentum, axis_name)
 
-  def init_fn(params):
-    return ElasticCouplingState(count=jnp.zeros([], jnp.int32),
-                                momentum=optax.tree.zeros_like(params))
+  def base_and_center(entropy_grad, anchor):  # D = (x - z) + rho (x - zbar), z = x - g
+    return entropy_grad, replica_mean(jax.tree.map(jnp.subtract, anchor, entropy_grad),
+                                      axis_name)
 
-  def update_fn(grads, state, params=None):
-    if params is None:
-      raise ValueError('elastic_coupling needs `params` (the anchors) in update().')
-    average = jax.tree.map(lambda x, g: x - g, params, grads)  # z = x - g
-    updates, velocity = outer_step(grads, params, average, state.momentum,
-                                    lr_fn(state.count), rho_fn(state.count), momentum,
-                                    axis_name)
-    return updates, ElasticCouplingState(count=optax.safe_increment(state.count),
-                                         momentum=velocity)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _elastic_transform('elastic_coupling', ElasticCouplingState, lr_fn, rho_fn, momentum,
+                            base_and_center)
 
 
 
@@ -248,18 +261,9 @@ def elastic_sgd(
   checks.nonnegative('weight_decay', weight_decay)
   lr_fn, rho_fn, axis_name = coupling_schedules(learning_rate, rho, momentum, axis_name)
 
-  def init_fn(params):
-    return ElasticSGDState(count=jnp.zeros([], jnp.int32),
-                           momentum=optax.tree.zeros_like(params))
+  def base_and_center(grads, params):  # D = g + wd x + rho (x - xbar): an all-reduce per step
+    return (jax.tree.map(lambda g, x: g + weight_decay * x, grads, params),
+            replica_mean(params, axis_name))
 
-  def update_fn(grads, state, params=None):
-    if params is None:
-      raise ValueError('elastic_sgd needs `params` in update().')
-    mean_params = replica_mean(params, axis_name)  # one all-reduce per step
-    decayed = jax.tree.map(lambda g, x: g + weight_decay * x, grads, params)
-    updates, velocity = _pulled_step(decayed, params, mean_params, state.momentum,
-                                     rho_fn(state.count), lr_fn(state.count), momentum)
-    return updates, ElasticSGDState(count=optax.safe_increment(state.count),
-                                    momentum=velocity)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _elastic_transform('elastic_sgd', ElasticSGDState, lr_fn, rho_fn, momentum,
+                            base_and_center)

@@ -56,6 +56,14 @@ def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
                       epsilon=_BN_EPSILON, name=name)
 
 
+def _check_fields(module: nn.Module, *rates: str) -> None:
+  """Checks a network's ``num_classes``, ``conv`` and the dropout rates named."""
+  checks.integer('num_classes', module.num_classes)
+  for rate in rates:
+    checks.fraction(rate, getattr(module, rate))
+  checks.choice('conv', module.conv, conv_lib.CONV_IMPLEMENTATIONS)
+
+
 def _conv(features: int, kernel_size: int, strides: int = 1, *, conv: str,
           **kwargs: Any) -> nn.Conv:
   """Bias-free square convolution with PyTorch-style symmetric padding.
@@ -100,9 +108,7 @@ class LeNet(nn.Module):
   conv: str = 'auto'
 
   def __post_init__(self) -> None:
-    checks.integer('num_classes', self.num_classes)
-    checks.fraction('dropout', self.dropout)
-    checks.choice('conv', self.conv, conv_lib.CONV_IMPLEMENTATIONS)
+    _check_fields(self, 'dropout')
     super().__post_init__()
 
   @nn.compact
@@ -150,10 +156,7 @@ class AllCNN(nn.Module):
   conv: str = 'auto'
 
   def __post_init__(self) -> None:
-    checks.integer('num_classes', self.num_classes)
-    checks.fraction('input_dropout', self.input_dropout)
-    checks.fraction('dropout', self.dropout)
-    checks.choice('conv', self.conv, conv_lib.CONV_IMPLEMENTATIONS)
+    _check_fields(self, 'input_dropout', 'dropout')
     super().__post_init__()
 
   @nn.compact
@@ -223,9 +226,7 @@ class WideResNet(nn.Module):
       raise ValueError(
           f'depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {self.depth!r}')
     checks.integer('width', self.width)
-    checks.integer('num_classes', self.num_classes)
-    checks.fraction('dropout', self.dropout)
-    checks.choice('conv', self.conv, conv_lib.CONV_IMPLEMENTATIONS)
+    _check_fields(self, 'dropout')
     super().__post_init__()
 
   @nn.compact
