@@ -6,24 +6,28 @@ Layers, each importing only from those before it:
   assembled from :mod:`parle_jax.entropy_sgd` (the inner step) and
   :mod:`parle_jax.elastic` (scoping, the coupling, Elastic-SGD), with argument
   checks from :mod:`parle_jax.checks`.
+* :mod:`parle_jax.local_updates` -- local SGD and DiLoCo, as round parts like
+  Parle's (for comparison).
 * :mod:`parle_jax.replicas` -- n replicas over devices: ``pmap`` over devices,
   ``vmap`` or a loop locally; the reference (mean) params.
 * :mod:`parle_jax.rounds` -- one fused, donated dispatch per round:
   ``lax.scan`` over ``L`` inner steps, then the coupling.
 """
 
+from parle_jax.local_updates import DiLoCoState, diloco, local_sgd
 from parle_jax.optim import (ElasticCouplingState, ElasticSGDState,
-                             EntropySGDInnerState, ParleParts, ParleState,
+                             EntropySGDInnerState, ParleParts, ParleState, RoundParts,
                              elastic_coupling, elastic_sgd, entropy_sgd_inner,
                              parle, parle_parts, reference_params, scoping)
 from parle_jax.replicas import MAPPINGS, Replicas
 from parle_jax.rounds import (ReplicaState, RoundFn, init_replicas, make_round,
-                              parle_round)
+                              parle_round, parts_round)
 
 __all__ = [
-    'ElasticCouplingState', 'ElasticSGDState', 'EntropySGDInnerState', 'MAPPINGS',
-    'ParleParts', 'ParleState', 'ReplicaState', 'Replicas', 'RoundFn', 'elastic_coupling',
-    'elastic_sgd', 'entropy_sgd_inner', 'init_replicas', 'make_round', 'parle',
-    'parle_parts', 'parle_round', 'reference_params', 'scoping',
+    'DiLoCoState', 'ElasticCouplingState', 'ElasticSGDState', 'EntropySGDInnerState',
+    'MAPPINGS', 'ParleParts', 'ParleState', 'ReplicaState', 'Replicas', 'RoundFn', 'RoundParts',
+    'diloco', 'elastic_coupling', 'elastic_sgd', 'entropy_sgd_inner', 'init_replicas',
+    'local_sgd', 'make_round', 'parle', 'parle_parts', 'parle_round', 'parts_round',
+    'reference_params', 'scoping',
 ]
 __version__ = '0.1.0'

@@ -48,7 +48,7 @@ Params = optax.Params
 ScalarOrSchedule = optax.ScalarOrSchedule
 
 __all__ = ['ElasticCouplingState', 'ElasticSGDState', 'EntropySGDInnerState', 'ParleParts',
-           'ParleState', 'elastic_coupling', 'elastic_sgd', 'entropy_sgd_inner', 'parle',
+           'ParleState', 'RoundParts', 'elastic_coupling', 'elastic_sgd', 'entropy_sgd_inner', 'parle',
            'parle_parts', 'reference_params', 'scoping']
 
 
@@ -66,24 +66,29 @@ class ParleState(NamedTuple):
   coupling: ElasticCouplingState
 
 
-class ParleParts(NamedTuple):
-  """Parle split at the round boundary, for fused rounds.
+class RoundParts(NamedTuple):
+  """A method split at the round boundary, for fused rounds (Parle, local SGD, DiLoCo).
 
   Attributes:
-    inner: a ``GradientTransformation`` on :class:`ParleState` whose updates are
-      inner steps only: no communication, the anchor stays put.
-    couple: ``couple(state) -> (params, state)``, the end of a round: the elastic
-      coupling (one all-reduce over `axis_name`) moves the anchor, and the next
-      round starts from it (the returned params equal the new anchor; ``z`` is
-      reset to it).
-    L: inner steps per round.
+    inner: a ``GradientTransformation`` whose updates are the local steps
+      only: no communication.
+    couple: ``couple(state, params) -> (params, state)``, the end of a round
+      (one all-reduce over `axis_name`): it takes each replica's optimizer
+      state and its params after the local steps, and returns the params the
+      next round starts from. Parle's coupling moves the anchor (the returned
+      params equal the new anchor; ``z`` is reset to it) and reads the anchor
+      from the state, so its ``params`` may be omitted.
+    L: local steps per round.
     axis_name: the replica axis (or axes) the coupling reduces over.
   """
 
   inner: optax.GradientTransformation
-  couple: Callable[[ParleState], tuple[Params, ParleState]]
+  couple: Callable[..., tuple[Params, Any]]
   L: int
   axis_name: AxisName
+
+
+ParleParts = RoundParts  # the name Parle's parts have always had
 
 
 def parle_parts(
@@ -101,7 +106,7 @@ def parle_parts(
     noise: float = 0.0,
     seed: int = 0,
     axis_name: AxisName = None,
-) -> ParleParts:
+) -> RoundParts:
   """Parle's inner step and its end-of-round coupling, for fused rounds.
 
   One round of replica ``a`` (docs/algorithm.md, "One round"): `L` updates of
@@ -150,7 +155,7 @@ def parle_parts(
       means a single replica.
 
   Returns:
-    :class:`ParleParts`; its transform's state is :class:`ParleState`.
+    :class:`RoundParts`; its transform's state is :class:`ParleState`.
   """
   if gamma is None or rho is None:
     if batches_per_epoch is None:
@@ -183,7 +188,8 @@ def parle_parts(
     updates, inner_state = inner_step(grads, state.inner, params, state.coupling.count)
     return updates, state._replace(inner=inner_state)
 
-  def couple(state):
+  def couple(state, params=None):
+    del params  # the round ends at the anchor, whatever the last inner iterate
     anchor, average, k = state.inner.anchor, state.inner.average, state.coupling.count
     updates, velocity = outer_step(jax.tree.map(jnp.subtract, anchor, average), anchor,
                                     average, state.coupling.momentum, lr_fn(k), rho_fn(k),
@@ -193,7 +199,7 @@ def parle_parts(
         inner=state.inner._replace(anchor=new_anchor, average=new_anchor),
         coupling=ElasticCouplingState(count=optax.safe_increment(k), momentum=velocity))
 
-  return ParleParts(
+  return RoundParts(
       inner=optax.GradientTransformation(init_fn, inner_update_fn),
       couple=couple,
       L=L,

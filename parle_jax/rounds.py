@@ -29,12 +29,12 @@ from jax import lax
 
 from parle_jax import checks
 from parle_jax import replicas as replicas_lib
-from parle_jax.optim import ParleParts
+from parle_jax.optim import RoundParts
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
 # batch_fn(data, rng, step, replica) -> batch, traced inside the round.
 BatchFn = Callable[[Any, jax.Array, jax.Array, jax.Array], Any]
-# couple(opt_state) -> (params, opt_state), run once at the end of a round.
+# couple(opt_state, params) -> (params, opt_state), run once at the end of a round.
 CoupleFn = Callable[[Any], tuple[Any, Any]]
 
 
@@ -86,16 +86,24 @@ def init_replicas(replicas: replicas_lib.Replicas, tx: optax.GradientTransformat
   return sharded._replace(opt_state=init(sharded.params))
 
 
-def parle_round(loss_fn: LossFn, parts: ParleParts, replicas: replicas_lib.Replicas,
+def parts_round(loss_fn: LossFn, parts: RoundParts, replicas: replicas_lib.Replicas,
                 **kwargs) -> 'RoundFn':
-  """:func:`make_round` for Parle: inner steps of `parts`, then its coupling."""
+  """:func:`make_round` for round parts: ``L`` inner steps, then the coupling.
+
+  `parts` come from :func:`parle_jax.parle_parts`, :func:`parle_jax.local_sgd`
+  or :func:`parle_jax.diloco`; ``kwargs`` go to :func:`make_round`.
+  """
   if parts.axis_name != replicas.axis_name:
     raise ValueError(
-        f'the Parle parts reduce over axis_name={parts.axis_name!r}, but these '
+        f'the round parts reduce over axis_name={parts.axis_name!r}, but these '
         f'replicas need axis_name={replicas.axis_name!r}; build them with '
-        'parle_jax.parle_parts(..., axis_name=replicas.axis_name).')
+        'axis_name=replicas.axis_name (e.g. parle_jax.parle_parts(..., '
+        'axis_name=replicas.axis_name)).')
   return make_round(loss_fn, parts.inner, replicas, L=parts.L, couple=parts.couple,
                     **kwargs)
+
+
+parle_round = parts_round  # Parle's parts are the first the rounds ran
 
 
 def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
@@ -113,9 +121,9 @@ def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
       ``optax.sgd`` for baselines; collectives inside it need ``'vmap'``).
     replicas: the layout.
     L: steps per round (the ``lax.scan`` length), >= 1.
-    couple: ``couple(opt_state) -> (params, opt_state)`` at the end of the
-      round, under ``vmap`` over the local replicas (Parle's ``parts.couple``);
-      None for none.
+    couple: ``couple(opt_state, params) -> (params, opt_state)`` at the end
+      of the round, under ``vmap`` over the local replicas (``parts.couple``
+      of :class:`parle_jax.optim.RoundParts`); None for none.
     batch_fn: None to pass the round's mini-batches, leading axes
       ``[n_local, L]``; or ``batch_fn(data, rng, step, replica) -> batch`` to
       draw them on the device from ``data`` (passed to the round already on
@@ -158,7 +166,7 @@ def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
   def end_of_round(_, state: ReplicaState):
     """The coupling of one replica, under vmap (so its pmean sees all replicas)."""
     if couple is not None:
-      params, opt_state = couple(state.opt_state)
+      params, opt_state = couple(state.opt_state, state.params)
       state = state._replace(params=params, opt_state=opt_state)
     reference = replicas.mean(state.params) if with_reference else None
     return state, reference

@@ -79,3 +79,68 @@ def entropy_sgd(x0, inputs, targets, *, L, rounds, lr, gamma, alpha=0.75, mu=0.9
     x = x - lr(k) * ((x - z) + mu * outer_velocity)
     anchors.append(x.copy())
   return anchors
+
+
+def _nesterov_sgd_step(w, velocity, grad, *, lr, mu, weight_decay):
+  """One step of Nesterov SGD with L2 weight decay; returns (w, velocity)."""
+  d = grad + weight_decay * w
+  velocity = mu * velocity + d
+  return w - lr * (d + mu * velocity), velocity
+
+
+def local_sgd(x0, inputs, targets, *, L, rounds, lr, mu=0.9, weight_decay=0.0):
+  """Local SGD (Lin et al. 2018): L local Nesterov steps per replica, then the params averaged.
+
+  Every replica starts from `x0` ([d]); local momentum buffers are never
+  averaged. Returns the averaged params after every round ([rounds, d]).
+  """
+  n = inputs.shape[0]
+  x = np.tile(np.array(x0, np.float64), (n, 1))
+  velocity = np.zeros_like(x)
+  means = []
+  for k in range(rounds):
+    for t in range(L):
+      for a in range(n):
+        g, _ = least_squares_grad(x[a], inputs[a, k * L + t], targets[a, k * L + t])
+        x[a], velocity[a] = _nesterov_sgd_step(x[a], velocity[a], g, lr=lr, mu=mu,
+                                               weight_decay=weight_decay)
+    x[:] = x.mean(axis=0)
+    means.append(x[0].copy())
+  return np.stack(means)
+
+
+def data_parallel_sgd(x0, inputs, targets, *, steps, lr, mu=0.9, weight_decay=0.0):
+  """One model, the gradients of the n replicas' batches averaged every step ([steps, d])."""
+  n = inputs.shape[0]
+  x, velocity, history = np.array(x0, np.float64), np.zeros(len(x0)), []
+  for t in range(steps):
+    g = np.mean([least_squares_grad(x, inputs[a, t], targets[a, t])[0] for a in range(n)], 0)
+    x, velocity = _nesterov_sgd_step(x, velocity, g, lr=lr, mu=mu, weight_decay=weight_decay)
+    history.append(x.copy())
+  return np.stack(history)
+
+
+def diloco(x0, inputs, targets, *, L, rounds, inner_lr, outer_lr, mu=0.9, outer_mu=0.9):
+  """DiLoCo (Douillard et al. 2023) with an inner Nesterov SGD.
+
+  Every round each replica runs L inner steps from the shared params theta
+  (its inner momentum kept across rounds); the mean of theta - x^a is the
+  outer gradient of a Nesterov step on theta. Returns theta after every round.
+  """
+  n = inputs.shape[0]
+  theta = np.array(x0, np.float64)
+  inner_velocity = np.zeros((n, len(theta)))
+  outer_velocity = np.zeros_like(theta)
+  history = []
+  for k in range(rounds):
+    x = np.tile(theta, (n, 1))
+    for t in range(L):
+      for a in range(n):
+        g, _ = least_squares_grad(x[a], inputs[a, k * L + t], targets[a, k * L + t])
+        x[a], inner_velocity[a] = _nesterov_sgd_step(x[a], inner_velocity[a], g, lr=inner_lr,
+                                                     mu=mu, weight_decay=0.0)
+    delta = (theta - x).mean(axis=0)
+    outer_velocity = outer_mu * outer_velocity + delta
+    theta = theta - outer_lr * (delta + outer_mu * outer_velocity)
+    history.append(theta.copy())
+  return np.stack(history)
