@@ -10,8 +10,9 @@ small dense models gain a little from ``vmap`` (docs/measurements.md). The globa
 replica index is ``axis_index('device') * R + r``; a collective over all
 replicas reduces over ``('device', 'replica')``.
 
-``jax.pmap`` is used in one place only, :meth:`Replicas.pmap`, so that another
-backend (``jax.shard_map``) can replace it.
+The device axis is mapped in one place only, :meth:`Replicas.pmap`: with
+``jax.pmap`` (the default) or, with ``device_map='shard_map'``, with
+``jax.jit`` of ``jax.shard_map`` over a ``jax.sharding.Mesh``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DEVICE_AXIS = 'device'
 REPLICA_AXIS = 'replica'
 LOCAL_MAPPINGS = ('vmap', 'sequential')  # how one device runs its replicas
 MAPPINGS = LOCAL_MAPPINGS + ('auto',)  # 'auto': the faster, measured
+DEVICE_MAPS = ('pmap', 'shard_map')  # how the device axis is mapped
 
 
 def check_mapping(mapping: str) -> str:
@@ -48,6 +50,12 @@ class Replicas:
     mapping: how the ``R`` local replicas are mapped: ``'vmap'``,
       ``'sequential'`` or ``'auto'`` (chosen by measurement, see
       :mod:`parle_jax.rounds`).
+    device_map: how the device axis is mapped: ``'pmap'`` (``jax.pmap``, the
+      default) or ``'shard_map'`` (``jax.jit`` of ``jax.shard_map`` over a
+      one-axis ``jax.sharding.Mesh`` of `devices`, for code built on ``jit``
+      with shardings). Both run the same per-device program and give the
+      same numbers; the arrays they take and return are the same global
+      ``[D, ...]`` arrays sharded over `devices`.
 
   Examples:
     >>> import jax, parle_jax
@@ -57,8 +65,9 @@ class Replicas:
   """
 
   def __init__(self, num_replicas: int, devices: Optional[Sequence[Any]] = None,
-               mapping: str = 'auto'):
+               mapping: str = 'auto', *, device_map: str = 'pmap'):
     checks.integer('num_replicas', num_replicas)
+    self.device_map = checks.choice('device_map', device_map, DEVICE_MAPS)
     self.devices = list(jax.devices() if devices is None else devices)
     if not self.devices:
       raise ValueError('`devices` must name at least one device, got an empty list.')
@@ -75,7 +84,8 @@ class Replicas:
 
   def __repr__(self):
     return (f'Replicas(num_replicas={self.num_replicas}, devices={len(self.devices)}, '
-            f'per_device={self.per_device}, mapping={self.mapping!r})')
+            f'per_device={self.per_device}, mapping={self.mapping!r}, '
+            f'device_map={self.device_map!r})')
 
   @property
   def num_devices(self) -> int:
@@ -100,9 +110,13 @@ class Replicas:
 
   # --- moving data -----------------------------------------------------------
   @functools.cached_property
+  def mesh(self) -> jax.sharding.Mesh:
+    """The one-axis mesh ``('device',)`` of `devices` that replica arrays are sharded over."""
+    return jax.sharding.Mesh(np.asarray(self.devices), (DEVICE_AXIS,))
+
+  @functools.cached_property
   def _device_sharding(self) -> jax.sharding.NamedSharding:
-    mesh = jax.sharding.Mesh(np.asarray(self.devices), (DEVICE_AXIS,))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DEVICE_AXIS))
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(DEVICE_AXIS))
 
   def _put(self, local: np.ndarray) -> jax.Array:
     """``[D_local, ...]`` host data -> a global ``[D, ...]`` array on the devices."""
@@ -173,9 +187,36 @@ class Replicas:
 
   # --- mapping functions -----------------------------------------------------
   def pmap(self, fn: Callable, *, in_axes=0, donate_argnums=()) -> Callable:
-    """``jax.pmap`` over the device axis (the one place pmap is used)."""
-    return jax.pmap(fn, axis_name=DEVICE_AXIS, in_axes=in_axes,
-                    devices=self.devices, donate_argnums=donate_argnums)
+    """`fn` mapped over the device axis, as :attr:`device_map` says (the one place).
+
+    With ``'pmap'``, ``jax.pmap`` (axis name ``'device'``). With
+    ``'shard_map'``, ``jax.jit`` of ``jax.shard_map`` over :attr:`mesh`: each
+    device's block ``[1, ...]`` of an argument mapped on axis 0 is handed to
+    `fn` without its leading axis (arguments with ``in_axes`` None whole), and
+    `fn`'s outputs are stacked back on a leading device axis, as ``pmap``
+    does. `in_axes` is 0, None, or a tuple of those, one per argument.
+    """
+    if self.device_map == 'pmap':
+      return jax.pmap(fn, axis_name=DEVICE_AXIS, in_axes=in_axes,
+                      devices=self.devices, donate_argnums=donate_argnums)
+    spec = jax.sharding.PartitionSpec
+
+    def mapped(*args):
+      axes = in_axes if isinstance(in_axes, tuple) else (in_axes,) * len(args)
+      if any(axis not in (0, None) for axis in axes):
+        raise ValueError(f"device_map='shard_map' maps axis 0 or nothing, got in_axes={in_axes}.")
+
+      def per_device(*blocks):
+        blocks = [jax.tree.map(lambda x: x[0], b) if axis == 0 else b
+                  for b, axis in zip(blocks, axes)]
+        return jax.tree.map(lambda x: x[None], fn(*blocks))
+
+      return jax.shard_map(per_device, mesh=self.mesh, out_specs=spec(DEVICE_AXIS),
+                           in_specs=tuple(spec(DEVICE_AXIS) if axis == 0 else spec()
+                                          for axis in axes),
+                           check_vma=False)(*args)
+
+    return jax.jit(mapped, donate_argnums=donate_argnums)
 
   def map_local(self, fn: Callable, mapping: str) -> Callable:
     """Maps ``fn(replica_id, *args)`` over the local replica axis of `args`.
