@@ -6,11 +6,14 @@ the time goes into compiling them. The multi-process tests start 2 processes of
 timeout.
 """
 
+import errno
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -20,9 +23,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import distributed, faults, optimizers, train
+from experiments import distributed, errors, faults, metric_writer, optimizers, train
 from experiments.configs import base, fashion_mnist_lenet
 from parle_jax import checkpoint, data
+from parle_jax.data import datasets
 from test_train import MOCK_EXAMPLES, tiny, train_command
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -128,6 +132,235 @@ def test_single_process_needs_no_set_up(monkeypatch):
   monkeypatch.delenv('JAX_COORDINATOR_ADDRESS', raising=False)
   monkeypatch.setenv('JAX_NUM_PROCESSES', '1')
   assert distributed.initialize() is False
+
+
+# --- what the binary says: one line and exit status 1, a traceback only for bugs ----
+@pytest.fixture(scope='module')
+def tiny_data_dir(tmp_path_factory):
+  """A data dir whose Fashion-MNIST cache holds 64 random examples per split (read without TFDS)."""
+  data_dir = tmp_path_factory.mktemp('tiny_data')
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    path = data.cache_path('fashion_mnist', split, data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, image=rng.integers(0, 256, (MOCK_EXAMPLES, 28, 28, 1), dtype=np.uint8),
+             label=rng.integers(0, 10, MOCK_EXAMPLES).astype(np.int32))
+  return data_dir
+
+
+def _tiny_overrides(data_dir, **overrides):
+  """`tiny`'s config (2 rounds of 2 steps of batch 8) as --config.field=value overrides."""
+  config = tiny(fashion_mnist_lenet.get_config(), data_dir)
+  fields = ('data_dir', 'L', 'batch_size', 'bn_recompute_batches', 'eval_batch_size',
+            'train_eval_examples', 'progress_bar', 'mapping', 'compare_to_sgd', 'epochs')
+  return dict({field: config[field] for field in fields}, **overrides)
+
+
+def _run_binary(args, timeout=300):
+  """(exit status, stdout and stderr) of experiments.train run with `args`."""
+  process = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+  return process.returncode, process.stdout + process.stderr
+
+
+def _empty_config_json(workdir):
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('')  # as a kill during its write could leave it
+
+
+def _regular_file(workdir):
+  workdir.write_text('not a directory')
+
+
+MISSING_CONFIG = f'{REPO}/experiments/configs/no_such_config.py'
+
+
+# (what the workdir is, config overrides, flags, the message, whether a traceback follows)
+@pytest.mark.parametrize('prepare, overrides, flags, message, traceback', [
+    (None, dict(learning_rte=0.1), (),
+     r"^FATAL Flags parsing error: --config.learning_rte=0.1 is invalid: the config has no "
+     r"field 'learning_rte'. Did you mean \"learning_rate\" instead of \"learning_rte\"\?$",
+     False),
+    (None, {}, (f'--config={MISSING_CONFIG}',),
+     rf"^FATAL Flags parsing error: --config={MISSING_CONFIG}: cannot load the config file "
+     rf"\(\[Errno 2\] No such file or directory: '{MISSING_CONFIG}'\).$", False),
+    (None, dict(learning_rate=-0.1), (),
+     r'^error: config.learning_rate=-0.1 is invalid: must be a finite number >= 0.$', False),
+    (None, dict(learning_rate=-0.1), ('--verbosity=1',),  # a user may ask for the traceback
+     r'^error: config.learning_rate=-0.1 is invalid', True),
+    # Planned before anything is written: the corrected command then starts afresh.
+    (None, dict(batch_size=100), (),
+     r'^error: config.batch_size=100 exceeds the 64 training examples of a replica.$', False),
+    (None, dict(num_replicas=12), (),
+     r'^error: config.num_replicas=12 is invalid: it must be a multiple of the 8 devices', False),
+    (_regular_file, {}, (),
+     r'^error: --workdir=(\S+) is a file, not a directory: choose another --workdir.$', False),
+    (_empty_config_json, {}, (),
+     r'^error: (\S+)/config.json is not a valid config \(JSONDecodeError: Expecting value: .*\)\. '
+     r'.*delete it, or pass --overwrite, to start afresh.$', False),
+], ids=['misspelt field', 'missing config file', 'bad value', 'bad value, --verbosity=1',
+        'batch larger than the data', 'replicas the devices cannot hold', 'workdir is a file',
+        'empty config.json'])
+def test_bad_input_prints_one_line_and_exits_1(prepare, overrides, flags, message, traceback,
+                                               tiny_data_dir, tmp_path):
+  workdir = tmp_path / 'work'
+  if prepare:
+    prepare(workdir)
+  args = train_command(workdir, _tiny_overrides(tiny_data_dir, **overrides))
+  for flag in flags:  # a second --config replaces the first
+    args = [a for a in args if not (flag.startswith('--config=') and a.startswith('--config='))]
+    args.insert(3, flag)
+  code, output = _run_binary(args)
+  assert code == 1, output[-3000:]
+  assert re.search(message, output, re.MULTILINE), output[-3000:]
+  assert ('Traceback' in output) == traceback, output[-3000:]
+  if prepare is None:  # a failed start writes nothing: the corrected command starts afresh
+    assert not workdir.exists(), sorted(os.listdir(workdir))
+
+
+def test_full_disk_is_one_line_naming_the_workdir(tiny_data_dir, tmp_path):
+  """A real ENOSPC: metrics.jsonl is /dev/full. (Orbax's, wrapped, in the test below.)"""
+  if not os.path.exists('/dev/full'):
+    pytest.skip('no /dev/full')
+  workdir = tmp_path / 'work'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').symlink_to('/dev/full')
+  code, output = _run_binary(train_command(workdir, _tiny_overrides(tiny_data_dir,
+                                                                    log_every_rounds=1)))
+  assert code == 1, output[-3000:]
+  assert output.strip().splitlines()[-1] == (
+      f'error: No space left on device for --workdir={workdir} (writing metrics.jsonl). Free '
+      'space on that disk (or use another), then run the same command again: it resumes from '
+      'the last checkpoint.'), output[-3000:]
+  assert 'Traceback' not in output, output[-3000:]
+
+
+def _raised(error, cause=None):
+  """`error` as raised from `cause`, traceback and all."""
+  try:
+    raise error from cause
+  except BaseException as err:  # pylint: disable=broad-except
+    return err
+
+
+def test_full_disk_is_found_inside_wrapped_errors():
+  orbax = ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "params/0" in OCDBT database at local file '
+      '"/runs/a/checkpoints/1.orbax-checkpoint-tmp/state.orbax-checkpoint-tmp/ocdbt.process_0/": '
+      'Failed writing: "/runs/a/checkpoints/1.orbax-checkpoint-tmp/d/9dca": Failed to write '
+      "5316608 bytes to file 18: No space left on device [os_error_code='28']")
+  wrapped = _raised(RuntimeError('the save failed'), _raised(orbax))
+  assert errors.disk_full(wrapped)
+  assert errors.user_message(wrapped, '/runs/a').startswith(
+      'No space left on device for --workdir=/runs/a (writing checkpoints). Free space')
+  grouped = ExceptionGroup('writes', [ValueError('x'), OSError(errno.EDQUOT, 'Disk quota exceeded')])
+  assert errors.disk_full(grouped)
+  elsewhere = OSError(errno.ENOSPC, 'No space left on device', '/data/fashion_mnist/train.npz')
+  assert errors.user_message(elsewhere, '/runs/a').startswith(
+      'No space left on device for /data/fashion_mnist/train.npz.')
+  assert not errors.disk_full(ValueError('RESOURCE_EXHAUSTED: out of memory'))
+  assert errors.user_message(ValueError('RESOURCE_EXHAUSTED: out of memory'), '/runs/a') is None
+
+
+def test_exit_code_is_1_with_one_line_for_bad_input_and_bugs_keep_their_traceback(capsys):
+  def fails(error):
+    def fn():
+      raise error
+    return fn
+
+  assert faults.exit_code(fails(errors.ConfigError('config.L=0 is invalid'))) == 1
+  assert capsys.readouterr().err == 'error: config.L=0 is invalid\n'
+  read_only = OSError(errno.EROFS, 'Read-only file system', '/ro/work/config.json')
+  assert faults.exit_code(fails(read_only), workdir='/ro/work') == 1
+  assert capsys.readouterr().err == (
+      'error: cannot write /ro/work/config.json: Read-only file system. Make it writable, or '
+      'point --workdir (or --config.data_dir) elsewhere.\n')
+  assert faults.exit_code(fails(data.CorruptCacheError('/d/x.npz: bad; delete it'))) == 1
+  assert faults.exit_code(fails(KeyboardInterrupt())) == faults.EXIT_STOPPED_AT_ONCE
+  assert 'Stopped at once by a second SIGINT' in capsys.readouterr().err
+  with pytest.raises(RuntimeError, match='a bug'):
+    faults.exit_code(fails(RuntimeError('a bug')))
+  with pytest.raises(ValueError, match='a bug'):  # a ValueError outside validation and planning
+    faults.exit_code(fails(ValueError('a bug')))
+
+
+def test_unwritable_workdir_or_data_dir_is_named(tmp_path, monkeypatch):
+  """As root nothing is unwritable: the file system's answers are made up."""
+  workdir = tmp_path / 'read_only'
+  workdir.mkdir()
+  real_access = os.access
+  monkeypatch.setattr(os, 'access',
+                      lambda path, mode: path != str(workdir) and real_access(path, mode))
+  with pytest.raises(errors.WorkdirError,
+                     match=f'^--workdir={workdir}/run cannot be written: {workdir} is (on a '
+                           'read-only file system|not writable by this user). Choose a writable '
+                           r'--workdir \(or make it writable\).$'):
+    faults.check_workdir(str(workdir / 'run'), '{}')
+
+  data_dir = tmp_path / 'read_only_data'  # TFDS's first write into it fails
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, 'Read-only file system', str(data_dir / 'downloads'))
+  monkeypatch.setenv(data.FASHION_MNIST_DIR_ENV, str(tmp_path / 'no_files'))
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', read_only)
+  with pytest.raises(data.DataUnavailableError,
+                     match=f'^cannot prepare fashion_mnist in the data directory {data_dir}: '
+                           f'Read-only file system \\({data_dir}/downloads\\). Point the data '
+                           r'directory \(config.data_dir or \$PARLE_DATA_DIR\) at a writable'):
+    data.load('fashion_mnist', 'train', data_dir)
+
+
+def test_torn_last_metrics_record_is_dropped_and_a_bad_one_elsewhere_named(tmp_path):
+  """A kill or a full disk during a write tears the last line; the resumed run drops it."""
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"round": 1, "a": 1}\n{"round": 2, "a": 2}\n{"round": 3, "a"')
+  metric_writer.MetricWriter(str(tmp_path), resume_round=2).close()
+  assert [json.loads(line)['round'] for line in path.read_text().splitlines()] == [1, 2]
+  path.write_text('{"round": 1}\n{"rou\n{"round": 2}\n')
+  with pytest.raises(errors.WorkdirError, match=f'^{path}, line 2, is not a record .*only the '
+                                                'last line can be torn. Delete or fix that line'):
+    metric_writer.MetricWriter(str(tmp_path), resume_round=2)
+  metric_writer.MetricWriter(str(tmp_path), resume_round=0).close()  # from round 0: a new log
+  assert path.read_text() == ''
+
+
+def test_data_cache_is_written_with_the_mode_the_umask_gives(tmp_path):
+  """Others sharing a data directory can read the .npz cache (not 0600)."""
+  previous = os.umask(0o022)
+  try:
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+      os.umask(umask)
+      path = tmp_path / f'{umask:o}' / 'train.npz'
+      datasets._save_atomically(path, {'label': np.zeros(3, np.int32)})  # pylint: disable=protected-access
+      assert stat.S_IMODE(path.stat().st_mode) == mode, oct(path.stat().st_mode)
+  finally:
+    os.umask(previous)
+
+
+def test_checkpoints_beyond_max_to_keep_are_pruned_when_opened(tmp_path):
+  """A kill between writing a checkpoint and deleting the oldest leaves one too many."""
+  saver = checkpoint.Checkpointer(str(tmp_path), max_to_keep=5)
+  for round_index in range(1, 5):
+    saver.save(round_index, {'w': np.full(3, round_index, np.float32)}, {})
+  saver.close()
+  assert checkpoint.Checkpointer(str(tmp_path), max_to_keep=None).rounds() == [1, 2, 3, 4]
+  assert checkpoint.Checkpointer(str(tmp_path), max_to_keep=3).rounds() == [2, 3, 4]
+  assert sorted(os.listdir(tmp_path)) == ['2', '3', '4']
+
+
+def test_two_sigints_that_arrive_together_stop_at_once():
+  """CPython runs the handler once for signals that arrive while it runs C code."""
+  stopped = False
+  with faults.StopSignals() as signals:
+    pid = os.getpid()
+    sender = subprocess.Popen(['sh', '-c', f'kill -INT {pid}; sleep 0.05; kill -INT {pid}'])
+    try:
+      sum(range(5 * 10**7))  # about a second in C: no Python signal handler runs
+      sender.wait(timeout=60)
+      time.sleep(0.5)
+    except KeyboardInterrupt:
+      stopped = True
+      sender.wait(timeout=60)
+  assert stopped
+  assert signals.received is None, 'the handler saw the two SIGINTs apart: a slow machine?'
 
 
 # --- a workdir of another config ---------------------------------------------------
@@ -271,8 +504,21 @@ def test_nan_stops_the_run_then_rollback_lowers_the_learning_rates(tmp_path, com
     assert (f'the last good checkpoint (after round 2) in {workdir / "checkpoints"} is kept'
             in message), message
     assert checkpoint.Checkpointer(str(workdir / 'checkpoints')).rounds() == [1, 2, 3]
+    assert message.endswith('Resume with --config.on_divergence=rollback, or lower '
+                            'config.learning_rate / config.inner_learning_rate and start afresh '
+                            '(--overwrite or another --workdir).'), message
 
-    config.on_divergence, config.rollback_lr_factor = 'rollback', 0.01
+    # No rollback left: resuming with on_divergence=rollback again would fail again.
+    config.on_divergence, config.rollback_lr_factor, config.max_rollbacks = 'rollback', 0.01, 0
+    with pytest.raises(train.DivergenceError) as error:
+      train.train_and_evaluate(config, str(workdir))
+    message = str(error.value)
+    assert 'in round 4 (step 0 of the round) after 0 rollbacks (config.max_rollbacks=0)' in message
+    assert message.endswith('Resume with a larger --config.max_rollbacks, or lower '
+                            'config.learning_rate / config.inner_learning_rate and start afresh '
+                            '(--overwrite or another --workdir).'), message
+
+    config.max_rollbacks = 3
     results = train.train_and_evaluate(config, str(workdir))  # resumes, rolls back, finishes
   assert results['rounds'] == 5 and np.isfinite(results['reference/test_loss'])
   records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
