@@ -1,4 +1,4 @@
-r"""What Parle, data-parallel SGD and Elastic-SGD send over the network.
+r"""What Parle and the baselines (data-parallel SGD, Elastic-SGD, local SGD, DiLoCo) send.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.communication
 
@@ -6,11 +6,12 @@ Three parts, printed as tables:
 
 1. **Accounting** (exact, from the model size and the schedule): all-reduces
    and bytes per epoch. Every all-reduce carries one float32 copy of the
-   weights (Parle, Elastic-SGD) or of the gradients (data-parallel SGD):
-   ``4 P`` bytes for ``P`` parameters. Per mini-batch step of a worker,
-   data-parallel SGD and Elastic-SGD all-reduce once, Parle once per ``L``.
+   weights (Parle, Elastic-SGD, local SGD), of the pseudo-gradients (DiLoCo)
+   or of the gradients (data-parallel SGD): ``4 P`` bytes for ``P``
+   parameters. Per mini-batch step of a worker, data-parallel SGD and
+   Elastic-SGD all-reduce once, Parle, local SGD and DiLoCo once per ``L``.
    An epoch is one pass over the training set (``N`` examples) by every
-   replica for Parle and Elastic-SGD (``ceil(N / b)`` steps each), and one pass
+   replica for all but data-parallel SGD (``ceil(N / b)`` steps each), and one pass
    shared by the ``n`` workers for data-parallel SGD (``ceil(N / (n b))``
    steps each, global batch ``n b``).
 2. **Check against the compiled programs**: each optimizer's fused round (the
@@ -39,7 +40,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-COMMUNICATING = ('parle', 'elastic_sgd', 'data_parallel_sgd')
+COMMUNICATING = ('parle', 'elastic_sgd', 'data_parallel_sgd', 'local_sgd', 'diloco')
+ONCE_PER_ROUND = ('parle', 'local_sgd', 'diloco')  # one all-reduce per L steps
 BYTES_PER_PARAMETER = 4  # float32
 
 # Measured compute time of one SGD step at batch 128 on one NVIDIA H100
@@ -110,7 +112,7 @@ def accounting(optimizer: str, *, num_parameters: int, num_examples: int, batch_
     steps = math.ceil(num_examples / (num_workers * batch_size))
   else:
     steps = math.ceil(num_examples / batch_size)
-  per_step = 1 / L if optimizer == 'parle' else 1.0
+  per_step = 1 / L if optimizer in ONCE_PER_ROUND else 1.0
   return Accounting(optimizer, per_step, steps, BYTES_PER_PARAMETER * num_parameters)
 
 

@@ -4,7 +4,8 @@
 #   2. experiments.benchmark: ms per step, vmap/sequential ratios, SGD vs Parle n=1 (LeNet, WRN-16-4);
 #   3. experiments.roofline: step FLOP/s against the GPU's matmul rate;
 #   4. Fashion-MNIST LeNet at the paper's budget (5 Parle epochs = 125 effective epochs):
-#      Parle n=3 against SGD (125 epochs), seed 0, then seeds 1 and 2 while time is left;
+#      Parle n=3 against SGD (125 epochs), local SGD and DiLoCo (n=3, L=25, 125 epochs), seed 0,
+#      then seeds 1 and 2 while time is left;
 #      then experiments.report's tables.
 # It reads the prepared data (.npz) and installs ml_collections from wheels, both brought in
 # .carry/ (`make gpu-carry` builds it on a CPU machine): the GPU machine has no network, no
@@ -47,7 +48,7 @@ if [ -n "${GPU_SMOKE:-}" ]; then  # tiny sizes: checks the plumbing, not the GPU
 else
   BENCH_ARGS=(--models=lenet,wrn16_4 --replicas=3 --optimizers=sgd,parle)
   ROOF_ARGS=()
-  SUITE_ARGS=(--suite=fashion_mnist_gpu --only=lenet_parle,lenet_sgd)
+  SUITE_ARGS=(--suite=fashion_mnist_gpu --only=lenet_parle,lenet_sgd,lenet_local_sgd,lenet_diloco)
   SEEDS=(0 1 2)
 fi
 

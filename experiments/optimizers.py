@@ -1,4 +1,4 @@
-"""The five optimizers of the experiments, all as fused rounds of one training loop.
+"""The optimizers of the experiments, all as fused rounds of one training loop.
 
 Every optimizer becomes a :class:`Plan` (replicas, batch per replica, steps per
 round, number of rounds, how the budget is counted) and a per-step optax
@@ -13,7 +13,13 @@ entropy_sgd         1           Entropy-SGD inner step / outer step (Parle, n=1,
 elastic_sgd         n (3)       Elastic-SGD step, all-reduce of the weights every step
 sgd                 1           Nesterov SGD
 data_parallel_sgd   n (devices) gradients all-reduced every step; batch split over n
+local_sgd           n (3)       Nesterov SGD step / params averaged (1 all-reduce)
+diloco              n (3)       Nesterov SGD step / outer Nesterov step on the mean
+                                pseudo-gradient (1 all-reduce)
 ==================  ==========  =======================================================
+
+Local SGD and DiLoCo train one model (the replicas start equal) with the same
+n, L and batch per replica as Parle, and count epochs as passes per replica.
 
 Epochs are the paper's: one Parle (or Entropy-SGD) epoch is ``nb`` rounds of
 ``L`` mini-batches, i.e. ``L`` passes over the data per replica; for the
@@ -39,6 +45,7 @@ from parle_jax import rounds
 
 _ENTROPY_TYPE = ('parle', 'entropy_sgd')
 _SINGLE_MODEL = ('sgd', 'entropy_sgd')
+_ONE_MODEL = ('data_parallel_sgd', 'local_sgd', 'diloco')  # replicas start from the same weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +136,7 @@ def make_plan(config, num_train_examples: int, num_devices: int) -> Plan:
   return Plan(optimizer=optimizer, num_replicas=num_replicas, batch_size=batch_size,
               steps_per_round=steps_per_round, total_rounds=total_rounds,
               batches_per_epoch=batches_per_epoch, rounds_per_epoch=rounds_per_epoch,
-              examples_per_replica=examples, same_init=optimizer == 'data_parallel_sgd',
+              examples_per_replica=examples, same_init=optimizer in _ONE_MODEL,
               mapping=mapping)
 
 
@@ -200,8 +207,17 @@ def make_optimizer(config, plan: Plan, axis_name
         schedule, parle_jax.scoping(config.rho_initial, config.rho_max, nb),
         momentum=config.momentum, weight_decay=config.weight_decay,
         axis_name=axis_name), None
+  if plan.optimizer == 'local_sgd':
+    parts = parle_jax.local_sgd(schedule, L=plan.steps_per_round, momentum=config.momentum,
+                                weight_decay=config.weight_decay, axis_name=axis_name)
+    return parts.inner, parts.couple
   sgd = optax.chain(optax.add_decayed_weights(config.weight_decay),
                     optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  if plan.optimizer == 'diloco':
+    parts = parle_jax.diloco(sgd, L=plan.steps_per_round,
+                             outer_learning_rate=config.outer_learning_rate,
+                             outer_momentum=config.outer_momentum, axis_name=axis_name)
+    return parts.inner, parts.couple
   if plan.optimizer == 'data_parallel_sgd':
     return optax.chain(average_gradients(axis_name), sgd), None
   return sgd, None

@@ -32,7 +32,8 @@ def define_flags() -> None:
 
 _SEED = re.compile(r'_seed(\d+)$')
 _BUDGET = re.compile(r'^(.*)_r(\d+)$')  # budget-sweep groups: <method>_r<rounds>
-GROUP_ORDER = ('parle_n3', 'entropy_sgd_n1', 'elastic_sgd_n3', 'sgd_n1', 'data_parallel_sgd_n3')
+GROUP_ORDER = ('parle_n3', 'entropy_sgd_n1', 'elastic_sgd_n3', 'sgd_n1', 'data_parallel_sgd_n3',
+               'local_sgd_n3', 'diloco_n3')
 REFERENCE_BASELINE = 'sgd_n1'  # time to accuracy: to reach this group's final test error
 
 

@@ -13,8 +13,9 @@ rebuilds the tables and plots from these files alone.
 
 Suites:
 
-* ``fashion_mnist_lenet_cpu``: LeNet on Fashion-MNIST, the five optimizers with
-  the paper's defaults on a budget a 2-core CPU can afford (``ROUNDS`` rounds of
+* ``fashion_mnist_lenet_cpu``: LeNet on Fashion-MNIST, the paper's five
+  optimizers with its defaults, and local SGD and DiLoCo with the same n, L
+  and batch as Parle, on a budget a 2-core CPU can afford (``ROUNDS`` rounds of
   L=25 per run), plus the split-data runs (n=3 on 50%, n=6 on 25% of the data
   per replica).
 * ``fashion_mnist_lenet_sweep``: the budget sweep: Parle n=3 against SGD on
@@ -68,7 +69,7 @@ def _scaled(config: ml_collections.ConfigDict, rounds: int) -> ml_collections.Co
     config.train_eval_examples = 2000
     config.eval_batch_size = 250  # faster than 1000 on a 2-core CPU (its caches)
     config.checkpoint_every_rounds = config.eval_every_rounds
-    if config.optimizer == 'parle':
+    if config.optimizer in ('parle', 'local_sgd', 'diloco'):
       config.mapping = 'sequential'  # what 'auto' chose in every CPU measurement
   return config
 
@@ -78,7 +79,8 @@ def _lenet_cpu_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
   for seed in seeds:
     for optimizer, n, batch in (('parle', 3, 128), ('entropy_sgd', 1, 128),
                                 ('elastic_sgd', 3, 128), ('sgd', 1, 128),
-                                ('data_parallel_sgd', 3, 384)):  # 128 per worker
+                                ('data_parallel_sgd', 3, 384),  # 128 per worker
+                                ('local_sgd', 3, 128), ('diloco', 3, 128)):
       config = fashion_mnist_lenet.get_config()
       config.optimizer, config.num_replicas, config.batch_size = optimizer, n, batch
       config.seed = seed
@@ -110,7 +112,8 @@ def _gpu_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
     for seed in seeds:
       for optimizer, n, epochs in (('parle', 3, 5), ('entropy_sgd', 1, 5),
                                    ('elastic_sgd', 3, 125), ('sgd', 1, 125),
-                                   ('data_parallel_sgd', None, 125)):
+                                   ('data_parallel_sgd', None, 125), ('local_sgd', 3, 125),
+                                   ('diloco', 3, 125)):
         config = get_config()
         config.optimizer, config.num_replicas, config.seed = optimizer, n, seed
         config.epochs = epochs

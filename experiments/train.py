@@ -90,7 +90,8 @@ class Experiment:
       self.plan = optimizers.make_plan(config, num_train, jax.device_count())
       self.replicas = parle_jax.Replicas(self.plan.num_replicas,
                                          devices=optimizers.select_devices(self.plan),
-                                         mapping=mapping or self.plan.mapping)
+                                         mapping=mapping or self.plan.mapping,
+                                       device_map=config.device_map)
       if config.compare_to_sgd and jax.process_count() > 1:
         raise ValueError(
             f'config.compare_to_sgd=True is invalid with {jax.process_count()} processes: '

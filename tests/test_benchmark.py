@@ -112,7 +112,8 @@ def test_every_optimizer_round_is_timed_as_training_builds_it(report):
   timed = results['models']['lenet']['optimizers']
   assert list(timed) == list(base.OPTIMIZERS)
   expected = {'parle': (N, BATCH), 'entropy_sgd': (1, BATCH), 'elastic_sgd': (N, BATCH),
-              'sgd': (1, BATCH), 'data_parallel_sgd': (N, BATCH)}  # batch per replica/worker
+              'sgd': (1, BATCH), 'data_parallel_sgd': (N, BATCH), 'local_sgd': (N, BATCH),
+              'diloco': (N, BATCH)}  # batch per replica/worker
   for optimizer, (replicas, batch) in expected.items():
     t = timed[optimizer]
     assert (t['replicas'], t['batch_per_replica']) == (replicas, batch), optimizer

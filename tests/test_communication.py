@@ -19,6 +19,11 @@ def test_accounting_counts_allreduces_per_epoch():
   assert (sgd.steps_per_epoch, sgd.allreduces_per_epoch) == (50, 50)
   assert parle.bytes_per_allreduce == 4000
   assert parle.bytes_per_epoch == 80_000 and sgd.bytes_per_epoch == 200_000
+  # Local SGD and DiLoCo: like Parle, one all-reduce of the weights per round.
+  for optimizer in ('local_sgd', 'diloco'):
+    other = communication.accounting(optimizer, **kwargs)
+    assert (other.steps_per_epoch, other.allreduces_per_epoch, other.bytes_per_epoch) == (
+        200, 20, 80_000)
 
 
 def test_accounting_rejects_bad_input():
@@ -74,7 +79,8 @@ ENTRY %main (a: f32[3,4], b: f32[5]) -> (f32[3,4], f32[5]) {
 
 
 @pytest.mark.parametrize('optimizer, in_loop, outside', [
-    ('parle', 0, 1), ('elastic_sgd', 1, 0), ('data_parallel_sgd', 1, 0)])
+    ('parle', 0, 1), ('elastic_sgd', 1, 0), ('data_parallel_sgd', 1, 0), ('local_sgd', 0, 1),
+    ('diloco', 0, 1)])
 def test_compiled_rounds_allreduce_as_accounted(optimizer, in_loop, outside):
   """Parle's round all-reduces the weights once, after the scan; the others every step."""
   if jax.device_count() < 2:

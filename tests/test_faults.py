@@ -67,6 +67,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     ('data_dir', None, 'config.data_dir=None is invalid: must be a path'),
     ('progress_bar', None, 'config.progress_bar=None is invalid: must be True or False'),
     ('conv', 'cudnn', r"config.conv='cudnn' is invalid: choose one of \['auto', 'xla', 'matmul'\]"),
+    ('device_map', 'xmap', r"config.device_map='xmap' is invalid: choose one of \['pmap', "),
+    ('outer_learning_rate', -0.7, 'config.outer_learning_rate=-0.7 is invalid: must be a finite'),
+    ('outer_momentum', 1.0, r'config.outer_momentum=1.0 is invalid: must be in \[0, 1\)'),
 ])
 def test_bad_config_field_is_named_with_its_value(field, value, message):
   """ConfigDict refuses values of another type itself (e.g. L=2.5); None and bools pass it."""

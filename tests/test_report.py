@@ -93,7 +93,8 @@ def test_cpu_suite_runs_the_same_rounds_with_compressed_schedules():
   runs = dict(suite._lenet_cpu_runs([0]))
   assert sorted(runs) == sorted([
       'parle_n3_seed0', 'entropy_sgd_n1_seed0', 'elastic_sgd_n3_seed0', 'sgd_n1_seed0',
-      'data_parallel_sgd_n3_seed0', 'parle_n3_data50_seed0', 'parle_n6_data25_seed0'])
+      'data_parallel_sgd_n3_seed0', 'local_sgd_n3_seed0', 'diloco_n3_seed0',
+      'parle_n3_data50_seed0', 'parle_n6_data25_seed0'])
   for name, config in runs.items():
     plan = optimizers.make_plan(config, suite.FASHION_MNIST_TRAIN, jax.device_count())
     assert plan.total_rounds == suite.ROUNDS, name
@@ -160,7 +161,7 @@ def test_run_suite_keeps_raw_files_and_skips_finished_runs(tmp_path, monkeypatch
 def test_gpu_suite_has_the_papers_budgets():
   from experiments.configs import base
   runs = dict(suite._gpu_runs([0]))
-  assert len(runs) == 2 * 5
+  assert len(runs) == 2 * 7  # two models, seven optimizers
   for name, config in runs.items():
     base.validate(config)
     plan = optimizers.make_plan(config, suite.FASHION_MNIST_TRAIN, 1)

@@ -103,13 +103,26 @@ def test_config_resolves(name):
 
 @pytest.mark.parametrize('optimizer, num_replicas, expected_replicas', [
     ('sgd', None, 1), ('entropy_sgd', None, 1), ('elastic_sgd', None, 3),
-    ('data_parallel_sgd', 2, 2), ('parle', 4, 4)])
+    ('data_parallel_sgd', 2, 2), ('parle', 4, 4), ('local_sgd', None, 3), ('diloco', 2, 2)])
 def test_every_optimizer_runs_on_mock_data(optimizer, num_replicas, expected_replicas, tmp_path):
   config = tiny(fashion_mnist_lenet.get_config(), tmp_path / 'data', optimizer=optimizer,
                 num_replicas=num_replicas)
   results = run_mock(config, tmp_path)
   check_results(results, tmp_path / 'work', expected_replicas)
   assert results['optimizer'] == optimizer
+  if optimizer in ('local_sgd', 'diloco'):  # every round ends with all replicas equal
+    assert results['distance/l2_mean'] == pytest.approx(0, abs=1e-5)
+
+
+def test_shard_map_device_map_trains_to_the_same_numbers(tmp_path):
+  finals = {}
+  for device_map in ('pmap', 'shard_map'):
+    config = tiny(fashion_mnist_lenet.get_config(), tmp_path / 'data', device_map=device_map)
+    results = run_mock(config, tmp_path / device_map)
+    finals[device_map] = checkpoint.load_variables(str(tmp_path / device_map / 'work' / 'reference'))
+    assert results['rounds'] == 2
+  for a, b in zip(jax.tree.leaves(finals['shard_map']), jax.tree.leaves(finals['pmap'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_split_data_mode_on_mock_data(tmp_path):

@@ -13,9 +13,10 @@ from ml_collections import config_dict
 
 from parle_jax import data, models
 from parle_jax.conv import CONV_IMPLEMENTATIONS
-from parle_jax.replicas import MAPPINGS
+from parle_jax.replicas import DEVICE_MAPS, MAPPINGS
 
-OPTIMIZERS = ('parle', 'entropy_sgd', 'elastic_sgd', 'sgd', 'data_parallel_sgd')
+OPTIMIZERS = ('parle', 'entropy_sgd', 'elastic_sgd', 'sgd', 'data_parallel_sgd', 'local_sgd',
+              'diloco')
 ON_DIVERGENCE = ('stop', 'rollback')
 
 
@@ -46,9 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.scoping_batches_per_epoch = 0
   config.alpha = 0.75
   config.momentum = 0.9
+  # DiLoCo's outer Nesterov step on the all-reduced pseudo-gradient (Douillard et al.).
+  config.outer_learning_rate = 0.7
+  config.outer_momentum = 0.9
   config.weight_decay = 0.0
   config.noise = 0.0
   config.mapping = 'auto'  # local replica mapping: auto | vmap | sequential
+  config.device_map = 'pmap'  # the device axis: pmap | shard_map (jit over a Mesh)
   # Convolutions: auto (one matmul over patches on CPU, the backend's own elsewhere) |
   # xla | matmul (parle_jax.conv). A resumed run keeps what 'auto' chose at its start.
   config.conv = 'auto'
@@ -105,6 +110,8 @@ _REALS = {
     'noise': (0, True, None, False),
     'alpha': (0, True, 1, False),
     'momentum': (0, True, 1, False),
+    'outer_learning_rate': (0, True, None, False),
+    'outer_momentum': (0, True, 1, False),
 }
 
 
@@ -133,6 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, choices in (('dataset', sorted(data.DATASETS)), ('model', list(models.MODELS)),
                          ('optimizer', list(OPTIMIZERS)), ('mapping', list(MAPPINGS)),
                          ('conv', list(CONV_IMPLEMENTATIONS)),
+                         ('device_map', list(DEVICE_MAPS)),
                          ('on_divergence', list(ON_DIVERGENCE))):
     if not isinstance(config[field], str) or config[field] not in choices:
       fail(field, f'choose one of {choices}')
