@@ -163,18 +163,19 @@ class Replicas:
     return jax.tree.map(to_global, tree)
 
   def check_stacked(self, tree: Any, name: str = 'state') -> None:
-    """Raises ValueError unless every leaf of `tree` has leading axes ``[D_local, R]``.
+    """Raises ValueError unless every leaf of `tree` has leading axes ``[D, R]``.
 
-    The layout of this process's replicas (:meth:`shard`'s output), checked
+    ``D`` counts all devices (global arrays, as :meth:`shard` makes them) or
+    this process's (what ``jax.pmap`` returns with several processes). Checked
     where stacked arrays come in, so that a wrong layout is named instead of
-    failing as a shape error inside ``pmap``.
+    failing as a shape error inside the mapped program.
     """
-    expected = (len(self.local_devices), self.per_device)
+    allowed = {(self.num_devices, self.per_device), (len(self.local_devices), self.per_device)}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      if tuple(np.shape(leaf)[:2]) != expected:
+      if tuple(np.shape(leaf)[:2]) not in allowed:
         raise ValueError(
             f'{name}{jax.tree_util.keystr(path)} has leading axes {tuple(np.shape(leaf)[:2])}; '
-            f'the replicas need [D, R] = {list(expected)} (devices of this process, '
+            f'the replicas need [D, R] = {list((self.num_devices, self.per_device))} (devices, '
             'replicas per device).')
 
   def unshard(self, tree: Any) -> Any:
