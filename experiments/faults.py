@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax import lax
 
 from experiments import distributed, errors, metric_writer
+from experiments import workdir as workdir_lib
 from parle_jax import checkpoint
 from parle_jax import replicas as replicas_lib
 
@@ -57,8 +57,7 @@ RESUMABLE_FIELDS = frozenset({
     'checkpoint_every_rounds', 'keep_checkpoints', 'compare_to_sgd', 'on_divergence',
     'rollback_lr_factor', 'max_rollbacks'})
 # What a run writes into its workdir (deleted by --overwrite).
-WORKDIR_OUTPUTS = ('checkpoints', 'tensorboard', 'reference', 'metrics.jsonl', 'config.json',
-                   'sgd_per_replica_budget', 'sgd_total_budget')
+WORKDIR_OUTPUTS = workdir_lib.OUTPUTS  # what --overwrite deletes
 
 
 class DivergenceError(FloatingPointError):
@@ -184,23 +183,17 @@ class RoundReport(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _round_check_fn(replicas: replicas_lib.Replicas) -> Callable:
-  n, per_device = replicas.num_replicas, replicas.per_device
+  """Per replica, on its device: the round's mean metrics, first bad step, bad params."""
+  per_device = replicas.per_device
 
-  def device_fn(params, metrics, stop):
-    ids = lax.axis_index(replicas_lib.DEVICE_AXIS) * per_device + jnp.arange(per_device)
-
-    def spread(values):  # [R] on each device -> [n] everywhere (one all-reduce)
-      return lax.psum(jnp.zeros((n,), values.dtype).at[ids].set(values),
-                      replicas_lib.DEVICE_AXIS)
-
+  def device_fn(params, metrics):
     finite = jnp.isfinite(metrics['loss'].reshape(per_device, -1))
     bad_step = jnp.where(finite.all(axis=1), -1, jnp.argmin(finite, axis=1)).astype(jnp.int32)
     params_ok = jnp.stack([jnp.isfinite(x.reshape(per_device, -1)).all(axis=1)
                            for x in jax.tree.leaves(params)]).all(axis=0)
-    means = {k: spread(v.reshape(per_device, -1).astype(jnp.float32).mean(axis=1))
+    means = {k: v.reshape(per_device, -1).astype(jnp.float32).mean(axis=1)
              for k, v in metrics.items()}
-    return (means, spread(bad_step), spread((~params_ok).astype(jnp.int32)),
-            lax.psum(stop, replicas_lib.DEVICE_AXIS))
+    return means, bad_step, ~params_ok
 
   return replicas.pmap(device_fn)
 
@@ -216,15 +209,13 @@ def check_round(replicas: replicas_lib.Replicas, params: Any, metrics: dict,
     stop: whether this process was asked to stop.
 
   Returns:
-    The :class:`RoundReport`, identical on every process (one small
-    all-reduce).
+    The :class:`RoundReport`, identical on every process: the per-replica
+    values are gathered in global replica order (:meth:`Replicas.gather`).
   """
-  flags = replicas.broadcast(np.int32(bool(stop)))
-  means, bad_step, bad_params, stop_count = _round_check_fn(replicas)(params, metrics, flags)
-  first = lambda x: np.asarray(x.addressable_shards[0].data)[0]
-  return RoundReport(metrics={k: first(v) for k, v in means.items()},
-                     bad_loss_step=first(bad_step), bad_params=first(bad_params).astype(bool),
-                     stop=bool(first(stop_count)))
+  means, bad_step, bad_params = replicas.gather(_round_check_fn(replicas)(params, metrics))
+  stops = replicas.gather(replicas.shard(np.full(replicas.num_local_replicas, bool(stop))))
+  return RoundReport(metrics=means, bad_loss_step=bad_step, bad_params=bad_params.astype(bool),
+                     stop=bool(stops.any()))
 
 
 # ----------------------------------------------------------------------------
@@ -307,7 +298,7 @@ def check_workdir(workdir: str, config_json: str, *, overwrite: bool = False) ->
   if overwrite:
     return {}
   record, stored, source = {}, None, None
-  directory = os.path.join(workdir, 'checkpoints')
+  directory = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
   if os.path.isdir(directory):
     reader = checkpoint.Checkpointer(directory, max_to_keep=None)
     try:
@@ -317,8 +308,9 @@ def check_workdir(workdir: str, config_json: str, *, overwrite: bool = False) ->
         source = f'the checkpoint after round {reader.latest_round()}'
     finally:
       reader.close()
-  if source is None and os.path.exists(os.path.join(workdir, 'config.json')):
-    stored, source = _read_config_json(os.path.join(workdir, 'config.json')), 'config.json'
+  config_path = workdir_lib.path(workdir, workdir_lib.CONFIG)
+  if source is None and os.path.exists(config_path):
+    stored, source = _read_config_json(config_path), workdir_lib.CONFIG
   differences = config_differences(stored, json.loads(config_json)) if stored is not None else []
   if differences:
     raise ConfigMismatchError(
@@ -342,9 +334,9 @@ def open_workdir(workdir: str, config_json: str, *, keep_checkpoints: int,
     if overwrite:
       _clear_outputs(workdir)
     os.makedirs(workdir, exist_ok=True)
-    metric_writer.write_atomically(os.path.join(workdir, 'config.json'), config_json)
+    metric_writer.write_atomically(workdir_lib.path(workdir, workdir_lib.CONFIG), config_json)
   distributed.barrier('open_workdir')
-  return checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
+  return checkpoint.Checkpointer(workdir_lib.path(workdir, workdir_lib.CHECKPOINTS),
                                  max_to_keep=keep_checkpoints)
 
 

@@ -22,6 +22,7 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from experiments import errors
+from experiments import workdir as workdir_lib
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -44,7 +45,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_round: int = 0):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = workdir_lib.path(workdir, workdir_lib.METRICS)
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -52,7 +53,7 @@ class MetricWriter:
       open(self.path, 'w').close()  # (truncates a symlink's target, as for /dev/full in tests)
     else:
       self._drop_records_after(resume_round)
-    self._events = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+    self._events = EventFileWriter(workdir_lib.path(workdir, workdir_lib.TENSORBOARD))
 
   def _drop_records_after(self, resume_round: int) -> None:
     """On resume, forget what a killed run logged after its last checkpoint.

@@ -223,6 +223,31 @@ def make_optimizer(config, plan: Plan, axis_name
   return sgd, None
 
 
+def sgd_config_with_same_budget(config, plan: Plan, *, per_replica: bool = False):
+  """SGD on one model with the mini-batch gradients `plan` spends.
+
+  All of them (the same compute on one device), or with ``per_replica`` those
+  of one replica (what ``n`` parallel workers do in the same wall-clock time).
+  The learning rate drops, and the evaluations happen, at the same fractions
+  of the run.
+  """
+  budget = plan.gradient_evaluations(plan.total_rounds)
+  if per_replica:
+    budget //= plan.num_replicas
+  sgd = copy.deepcopy(config)
+  with sgd.unlocked():
+    sgd.optimizer, sgd.num_replicas, sgd.compare_to_sgd = 'sgd', None, False
+    sgd.data_fraction = 1.0
+    sgd.epochs = budget / plan.batches_per_epoch  # same batch size, one pass = nb steps
+    scale = sgd.epochs / config.epochs
+    sgd.lr_drop_epochs = tuple(e * scale for e in config.lr_drop_epochs)
+    # Evaluations at the same fractions of the run as `config`'s (0: once per epoch).
+    sgd_rounds = budget / config.L
+    sgd.eval_every_rounds = config.eval_every_rounds and max(
+        1, round(config.eval_every_rounds * sgd_rounds / plan.total_rounds))
+  return sgd
+
+
 def select_devices(plan: Plan) -> list:
   """The devices the replicas run on: all of them, or fewer when there are fewer replicas.
 

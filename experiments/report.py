@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from absl import app, flags
 
+from experiments import workdir
+
 FLAGS = flags.FLAGS
 
 
@@ -66,9 +68,9 @@ def load_runs(suite_dir: str) -> list[Run]:
     path = os.path.join(suite_dir, name)
     if not os.path.isfile(os.path.join(path, 'summary.json')):
       continue
-    with open(os.path.join(path, 'config.json')) as f:
+    with open(os.path.join(path, workdir.CONFIG)) as f:
       config = json.load(f)
-    with open(os.path.join(path, 'metrics.jsonl')) as f:
+    with open(os.path.join(path, workdir.METRICS)) as f:
       records = [json.loads(line) for line in f if line.strip()]
     with open(os.path.join(path, 'summary.json')) as f:
       summary = json.load(f)

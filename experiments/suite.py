@@ -39,6 +39,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from experiments import machine, optimizers, train
+from experiments import workdir as workdir_lib
 from experiments.configs import fashion_mnist_lenet, fashion_mnist_wrn16_4
 
 FLAGS = flags.FLAGS
@@ -102,7 +103,7 @@ def _lenet_sweep_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
       plan = optimizers.make_plan(config, FASHION_MNIST_TRAIN, jax.device_count())
       for name, per_replica in (('replica', True), ('total', False)):
         yield (f'sgd_{name}_budget_r{rounds}_seed{seed}',
-               train.sgd_config_with_same_budget(config, plan, per_replica=per_replica))
+               optimizers.sgd_config_with_same_budget(config, plan, per_replica=per_replica))
 
 
 def _gpu_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
@@ -157,7 +158,7 @@ def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_d
     results = train.train_and_evaluate(config, run_dir)
     if jax.process_index() == 0:
       os.makedirs(kept, exist_ok=True)
-      for file in ('config.json', 'metrics.jsonl'):
+      for file in (workdir_lib.CONFIG, workdir_lib.METRICS):
         shutil.copyfile(os.path.join(run_dir, file), os.path.join(kept, file))
       with open(os.path.join(kept, 'summary.json'), 'w') as f:
         json.dump(_summary(results, started, load_before), f, indent=1, sort_keys=True)

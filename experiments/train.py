@@ -26,22 +26,19 @@ died (JAX may instead abort the process, status 134, when its heartbeats stop).
 from __future__ import annotations
 
 import copy
-import json
 import logging as std_logging
 import os
-import signal
-import time
 from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import parle_jax
-from experiments import distributed, errors, faults, metric_writer, optimizers
+from experiments import distributed, errors, faults, loop, optimizers
+from experiments import workdir as workdir_lib
 from experiments.configs import base
 from parle_jax import checkpoint, data, evaluate, models, training
 from parle_jax import conv as conv_lib
@@ -178,47 +175,6 @@ def started_with(config: ml_collections.ConfigDict, record: dict) -> dict[str, s
   return kept
 
 
-def _progress(plan, rounds_done, train_seconds) -> dict[str, Any]:
-  """Where a run stands after `rounds_done` rounds: the fields of every record."""
-  return {
-      'epoch': plan.epochs(rounds_done),
-      'effective_epochs': plan.effective_epochs(rounds_done),
-      'gradient_evaluations': plan.gradient_evaluations(rounds_done),
-      'train_seconds': train_seconds,
-  }
-
-
-def _round_summary(losses, errors, images_per_second) -> dict[str, Any]:
-  return {
-      'train/loss': float(np.mean(losses)), 'train/error': 100 * float(np.mean(errors)),
-      'images_per_second': images_per_second,
-  }
-
-
-def _restore(experiment: Experiment, checkpointer: checkpoint.Checkpointer,
-             round_index: Optional[int] = -1):
-  """(state, record) of a checkpoint (-1: the newest), or the initial state and round 0."""
-  state = experiment.replicas.to_global(experiment.init_state())  # what orbax restores into
-  if round_index == -1:
-    round_index = checkpointer.latest_round()
-  if round_index is None:
-    return state, {'round': 0}
-  return checkpointer.restore(state, round_index)
-
-
-def _last_good_round(checkpointer: checkpoint.Checkpointer, report: faults.RoundReport,
-                     diverged_round: int) -> Optional[int]:
-  """The newest checkpoint before `diverged_round` that is not known to be bad.
-
-  A checkpoint right before the round whose very first loss is NaN/Inf holds
-  params that give that loss (finite, but blown up): going back to it would
-  diverge again at once, whatever the learning rates, so it is skipped.
-  """
-  poisoned = diverged_round - 1 if (report.bad_loss_step == 0).any() else None
-  rounds = [r for r in checkpointer.rounds() if r < diverged_round and r != poisoned]
-  return rounds[-1] if rounds else None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        overwrite: bool = False) -> dict[str, Any]:
   """Trains as `config` says, evaluating and checkpointing in `workdir`.
@@ -252,13 +208,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,
                                        keep_checkpoints=config.keep_checkpoints)
     try:
-      state, results, train_seconds = _train(experiment, workdir, config_json, checkpointer,
-                                             signals)
+      state, results, train_seconds = loop.TrainingLoop(experiment, workdir, config_json,
+                                                        checkpointer, signals).run()
     finally:
       checkpointer.close()
   plan = experiment.plan
   variables = experiment.reference_variables(state)  # one all-reduce: on every process
-  checkpoint.save_variables(os.path.join(workdir, 'reference'), variables)
+  checkpoint.save_variables(workdir_lib.path(workdir, workdir_lib.REFERENCE), variables)
   results = dict(results, optimizer=plan.optimizer, num_replicas=plan.num_replicas,
                  rounds=plan.total_rounds, epochs=plan.epochs(plan.total_rounds),
                  effective_epochs=plan.effective_epochs(plan.total_rounds),
@@ -276,152 +232,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return results
 
 
-def _train(experiment: Experiment, workdir: str, config_json: str,
-           checkpointer: checkpoint.Checkpointer, signals: faults.StopSignals):
-  """The rounds: train, check, log, evaluate, checkpoint. Returns (state, results, seconds)."""
-  config, plan, replicas = experiment.config, experiment.plan, experiment.replicas
-  state, record = _restore(experiment, checkpointer)
-  rounds_done, train_seconds = record['round'], record.get('train_seconds', 0.0)
-  rollbacks = record.get('rollbacks', 0)
-  lr_scale = record.get('learning_rate_scale', 1.0)
-  if lr_scale != 1.0:
-    experiment.scale_learning_rates(lr_scale)
-  if rounds_done:
-    logging.info('Resumed from the checkpoint after round %d in %s (learning rates x%g)',
-                 rounds_done, workdir, lr_scale)
-  writer = metric_writer.MetricWriter(workdir, resume_round=rounds_done)
-  logging.info('%s on %s: %s', plan.optimizer, replicas, plan)
-
-  def save():
-    checkpointer.save(rounds_done, replicas.to_global(state), {
-        'config': json.loads(config_json), 'train_seconds': train_seconds,
-        'rollbacks': rollbacks, 'learning_rate_scale': lr_scale,
-        'mapping': experiment.round_fn.mapping, 'conv': experiment.conv})
-
-  eval_every = config.eval_every_rounds or max(1, round(plan.rounds_per_epoch))
-  samples_per_round = plan.steps_per_round * plan.batch_size * plan.num_replicas
-  bar = tqdm.tqdm(total=plan.total_rounds, initial=rounds_done, unit='round',
-                  disable=not config.progress_bar or not distributed.is_primary(),
-                  dynamic_ncols=True)
-  compiled, results = False, {}
-  try:
-    while rounds_done < plan.total_rounds:
-      if not compiled:  # compile (and time the mappings) outside the clock
-        distributed.barrier('compile')  # start together: see distributed.barrier
-        round_fn = experiment.round_fn
-        warm_up_seconds = round_fn.warm_up(state, experiment.device_data)
-        logging.info('compiled the round in %.1f s (of which compiling %.1f s, choosing the '
-                     'mapping %.1f s): mapping %s, %s convolutions', warm_up_seconds,
-                     sum(round_fn.compile_seconds.values()), sum(round_fn.timings.values()),
-                     round_fn.mapping, experiment.conv)
-        window_losses, window_errors, window_start = [], [], time.perf_counter()
-        compiled = True
-      round_start = time.perf_counter()
-      state, metrics = experiment.round_fn(state, experiment.device_data)
-      jax.block_until_ready(metrics)
-      train_seconds += time.perf_counter() - round_start
-      rounds_done += 1
-      report = faults.check_round(replicas, state.params, metrics, signals.received is not None)
-      problem = report.divergence(rounds_done)
-      if problem is not None:
-        good = _last_good_round(checkpointer, report, rounds_done)
-        kept = (f'the last good checkpoint (after round {good}) in {checkpointer.directory} '
-                'is kept' if good is not None else 'there is no good checkpoint yet')
-        if config.on_divergence == 'rollback' and rollbacks < config.max_rollbacks:
-          rollbacks += 1
-          lr_scale *= config.rollback_lr_factor
-          logging.warning('%s; rolling back to round %d with the learning rates x%g '
-                          '(rollback %d of at most %d)', problem, good or 0, lr_scale,
-                          rollbacks, config.max_rollbacks)
-          state, record = _restore(experiment, checkpointer, good)
-          rounds_done = record['round']
-          checkpointer.delete_after(rounds_done)  # they lead to the divergence
-          experiment.scale_learning_rates(lr_scale)
-          writer.rewind(rounds_done)
-          writer.write(rounds_done, {'rollback': rollbacks, 'learning_rate_scale': lr_scale})
-          bar.reset(total=plan.total_rounds)
-          bar.update(rounds_done)
-          compiled = False
-          continue
-        afresh = ('lower config.learning_rate / config.inner_learning_rate and start afresh '
-                  '(--overwrite or another --workdir)')
-        if config.on_divergence == 'rollback':
-          problem += (f' after {rollbacks} rollbacks (config.max_rollbacks='
-                      f'{config.max_rollbacks}) with the learning rates x{lr_scale:g}')
-          advice = f'Resume with a larger --config.max_rollbacks, or {afresh}.'
-        else:
-          advice = f'Resume with --config.on_divergence=rollback, or {afresh}.'
-        raise DivergenceError(f'Training diverged: {problem}. Stopping; {kept}. {advice}')
-      window_losses.append(report.metrics['loss'])
-      window_errors.append(report.metrics['error'])
-      bar.update(1)
-      final = rounds_done == plan.total_rounds
-      if rounds_done % config.log_every_rounds == 0 or final:
-        elapsed = time.perf_counter() - window_start
-        summary = dict(_progress(plan, rounds_done, train_seconds), **_round_summary(
-            window_losses, window_errors, len(window_losses) * samples_per_round / elapsed))
-        writer.write(rounds_done, summary)
-        bar.set_postfix(epoch=f"{summary['epoch']:.2f}", loss=f"{summary['train/loss']:.3f}",
-                        img_s=f"{summary['images_per_second']:.0f}")
-        window_losses, window_errors, window_start = [], [], time.perf_counter()
-      if rounds_done % eval_every == 0 or final:
-        results = experiment.evaluate(state)
-        writer.write(rounds_done, dict(results, **_progress(plan, rounds_done, train_seconds)))
-        if distributed.is_primary():
-          bar.write(f"round {rounds_done} (epoch {plan.epochs(rounds_done):.2f}): reference "
-                    f"test error {results['reference/test_error']:.2f}%, replicas "
-                    + ', '.join(f'{e:.2f}%' for e in results['replica/test_error']))
-      saved = rounds_done % config.checkpoint_every_rounds == 0 or final
-      if saved or report.stop:
-        save()
-      if report.stop and not final:
-        name = (signal.Signals(signals.received).name if signals.received is not None
-                else 'a signal to another process')
-        raise TrainingInterrupted(
-            f'Stopped by {name} after round {rounds_done} of {plan.total_rounds}; the '
-            f'checkpoint after round {rounds_done} is in {checkpointer.directory}. Run the '
-            'same command again to resume.')
-  finally:
-    bar.close()
-    writer.close()
-  if not results:  # nothing left to train: report the saved state
-    results = experiment.evaluate(state)
-  return state, results, train_seconds
-
-
-def sgd_config_with_same_budget(config, plan, *, per_replica: bool = False
-                                ) -> ml_collections.ConfigDict:
-  """SGD on one model with the mini-batch gradients `plan` spends.
-
-  All of them (the same compute on one device), or with ``per_replica`` those
-  of one replica (what ``n`` parallel workers do in the same wall-clock time).
-  The learning rate drops, and the evaluations happen, at the same fractions
-  of the run.
-  """
-  budget = plan.gradient_evaluations(plan.total_rounds)
-  if per_replica:
-    budget //= plan.num_replicas
-  sgd = copy.deepcopy(config)
-  with sgd.unlocked():
-    sgd.optimizer, sgd.num_replicas, sgd.compare_to_sgd = 'sgd', None, False
-    sgd.data_fraction = 1.0
-    sgd.epochs = budget / plan.batches_per_epoch  # same batch size, one pass = nb steps
-    scale = sgd.epochs / config.epochs
-    sgd.lr_drop_epochs = tuple(e * scale for e in config.lr_drop_epochs)
-    # Evaluations at the same fractions of the run as `config`'s (0: once per epoch).
-    sgd_rounds = budget / config.L
-    sgd.eval_every_rounds = config.eval_every_rounds and max(
-        1, round(config.eval_every_rounds * sgd_rounds / plan.total_rounds))
-  return sgd
-
-
 def _compare_to_sgd(config, plan, results, workdir) -> dict[str, Any]:
   """Trains SGD on the same budgets and prints the comparison table."""
   runs = {}
-  for name, per_replica in (('per_replica', True), ('total', False)):
+  for name in workdir_lib.SGD_BUDGETS:
     runs[name] = train_and_evaluate(
-        sgd_config_with_same_budget(config, plan, per_replica=per_replica),
-        os.path.join(workdir, f'sgd_{name}_budget'))
+        optimizers.sgd_config_with_same_budget(config, plan, per_replica=name == 'per_replica'),
+        workdir_lib.path(workdir, workdir_lib.sgd_baseline(name)))
   total = plan.gradient_evaluations(plan.total_rounds)
   rows = [(f'{plan.optimizer} n={plan.num_replicas} (reference model)', total,
            results['reference/test_error']),

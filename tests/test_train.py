@@ -152,10 +152,10 @@ def test_sgd_baseline_gets_the_same_gradient_budget():
   config = default.get_config()
   plan = optimizers.make_plan(config, 60000, 1)
   total = plan.gradient_evaluations(plan.total_rounds)
-  sgd_plan = optimizers.make_plan(train.sgd_config_with_same_budget(config, plan), 60000, 1)
+  sgd_plan = optimizers.make_plan(optimizers.sgd_config_with_same_budget(config, plan), 60000, 1)
   assert sgd_plan.gradient_evaluations(sgd_plan.total_rounds) == pytest.approx(total, rel=0.02)
   per_replica = optimizers.make_plan(
-      train.sgd_config_with_same_budget(config, plan, per_replica=True), 60000, 1)
+      optimizers.sgd_config_with_same_budget(config, plan, per_replica=True), 60000, 1)
   assert per_replica.gradient_evaluations(per_replica.total_rounds) == pytest.approx(
       total / 3, rel=0.05)
 
@@ -189,7 +189,7 @@ def test_sgd_baselines_evaluate_at_the_same_fractions_of_the_run():
   plan = optimizers.make_plan(config, 60000, 1)
   evaluations = plan.total_rounds // config.eval_every_rounds
   for per_replica in (True, False):
-    sgd = train.sgd_config_with_same_budget(config, plan, per_replica=per_replica)
+    sgd = optimizers.sgd_config_with_same_budget(config, plan, per_replica=per_replica)
     sgd_plan = optimizers.make_plan(sgd, 60000, 1)
     assert sgd_plan.total_rounds // sgd.eval_every_rounds == evaluations
 

@@ -1,0 +1,39 @@
+"""What a run writes into its ``--workdir``: the one place for the names.
+
+=========================  ==========================================================
+``config.json``            the run's config (written once the run is planned)
+``metrics.jsonl``          one JSON record per log or evaluation (process 0)
+``tensorboard/``           the same records as TensorBoard events (process 0)
+``checkpoints/<round>/``   orbax checkpoints of the whole replica state
+``reference/``             the reference model as plain Flax variables
+``sgd_<budget>_budget/``   with ``compare_to_sgd``: the two SGD baselines, each a workdir
+=========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+
+CONFIG = 'config.json'
+METRICS = 'metrics.jsonl'
+TENSORBOARD = 'tensorboard'
+CHECKPOINTS = 'checkpoints'
+REFERENCE = 'reference'
+SGD_BUDGETS = ('per_replica', 'total')  # the SGD baselines of compare_to_sgd
+
+
+def sgd_baseline(budget: str) -> str:
+  """The sub-workdir of the SGD baseline on `budget` (one of :data:`SGD_BUDGETS`)."""
+  if budget not in SGD_BUDGETS:
+    raise ValueError(f'budget={budget!r}: choose one of {SGD_BUDGETS}.')
+  return f'sgd_{budget}_budget'
+
+
+# Everything a run writes: what --overwrite deletes.
+OUTPUTS = (CHECKPOINTS, TENSORBOARD, REFERENCE, METRICS, CONFIG) + tuple(
+    sgd_baseline(budget) for budget in SGD_BUDGETS)
+
+
+def path(workdir: str, name: str) -> str:
+  """``<workdir>/<name>`` for one of the names above."""
+  return os.path.join(workdir, name)
