@@ -41,6 +41,7 @@ from jax import lax
 
 import parle_jax
 from experiments.configs.base import OPTIMIZERS
+from parle_jax import replicas as replicas_lib
 from parle_jax import rounds
 
 _ENTROPY_TYPE = ('parle', 'entropy_sgd')
@@ -125,14 +126,10 @@ def make_plan(config, num_train_examples: int, num_devices: int) -> Plan:
   else:
     rounds_per_epoch = batches_per_epoch / steps_per_round
   total_rounds = max(1, round(config.epochs * rounds_per_epoch))
-  uses_collectives_per_step = optimizer in ('elastic_sgd', 'data_parallel_sgd')
-  mapping = config.mapping
-  if uses_collectives_per_step and num_replicas > num_devices:
-    if mapping == 'sequential':
-      raise ValueError(
-          f"config.mapping='sequential' cannot run {optimizer}, which communicates every "
-          "step; use 'vmap' or 'auto'.")
-    mapping = 'vmap'
+  mapping = replicas_lib.local_mapping(
+      config.mapping, per_device=max(1, num_replicas // num_devices),
+      communicates_every_step=optimizer in ('elastic_sgd', 'data_parallel_sgd'),
+      what=optimizer, name='config.mapping')
   return Plan(optimizer=optimizer, num_replicas=num_replicas, batch_size=batch_size,
               steps_per_round=steps_per_round, total_rounds=total_rounds,
               batches_per_epoch=batches_per_epoch, rounds_per_epoch=rounds_per_epoch,

@@ -120,8 +120,7 @@ class Experiment:
     config = copy.deepcopy(self.config)
     config.learning_rate *= scale
     config.inner_learning_rate *= scale
-    mapping = None if self.round_fn.mapping == 'auto' else self.round_fn.mapping
-    self.tx, self.round_fn = self._build_round(config, mapping)
+    self.tx, self.round_fn = self._build_round(config, self.round_fn.chosen_mapping)
 
   def init_state(self) -> parle_jax.ReplicaState:
     params, model_state = training.init_replica_variables(
@@ -133,7 +132,7 @@ class Experiment:
                                    seed=self.config.seed)
 
   def evaluate(self, state) -> dict[str, Any]:
-    mapping = 'vmap' if self.round_fn.mapping == 'auto' else self.round_fn.mapping
+    mapping = self.round_fn.chosen_mapping or 'vmap'  # before any round: 'auto' measured nothing
     train_subset = None
     if self.config.train_eval_examples:
       train_subset = {k: v[:self.config.train_eval_examples] for k, v in self.train_arrays.items()}

@@ -144,16 +144,16 @@ def diloco(
 
   Examples:
     >>> import jax.numpy as jnp, optax, parle_jax
-    >>> parts = parle_jax.diloco(optax.sgd(0.1), L=2, outer_learning_rate=1.0,
-    ...                          outer_momentum=0.0)  # one replica: the inner SGD
-    >>> params = jnp.array([1.0])
-    >>> state = parts.inner.init(params)
-    >>> for _ in range(parts.L):
-    ...   updates, state = parts.inner.update(2 * params, state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> params, state = parts.couple(state, params)
-    >>> params, state.shared
-    (Array([0.64], dtype=float32), Array([0.64], dtype=float32))
+    >>> parts = parle_jax.diloco(optax.sgd(0.1), L=2, outer_learning_rate=0.5,
+    ...                          outer_momentum=0.0)  # one replica, no outer momentum
+    >>> theta = jnp.array([1.0])
+    >>> state, x = parts.inner.init(theta), theta
+    >>> for _ in range(parts.L):  # two inner steps on |x|^2: 1 -> 0.8 -> 0.64
+    ...   updates, state = parts.inner.update(2 * x, state, x)
+    ...   x = optax.apply_updates(x, updates)
+    >>> theta, state = parts.couple(state, x)  # half of the way: 1 - 0.5 * (1 - 0.64)
+    >>> theta
+    Array([0.82], dtype=float32)
 
   Args:
     inner: the inner optimizer of every replica (any optax transform).

@@ -39,6 +39,26 @@ def check_mapping(mapping: str) -> str:
   return checks.choice('mapping', mapping, MAPPINGS)
 
 
+def local_mapping(requested: str, *, per_device: int, communicates_every_step: bool = False,
+                  what: str = 'these steps', name: str = 'mapping') -> str:
+  """The local mapping `per_device` replicas of a device use: the one place it is decided.
+
+  One replica per device leaves nothing to choose (``'vmap'``); steps that
+  communicate need the local replica axis named, so ``'vmap'`` (an explicit
+  ``'sequential'`` is refused, naming `what` and the argument `name`);
+  otherwise `requested` (``'auto'`` stays, to be measured by the round).
+  """
+  checks.choice(name, requested, MAPPINGS)
+  if per_device == 1:
+    return 'vmap'
+  if communicates_every_step:
+    if requested == 'sequential':
+      raise ValueError(f"{name}='sequential' cannot run {what}, which communicates every step; "
+                       "use 'vmap' or 'auto'.")
+    return 'vmap'
+  return requested
+
+
 class Replicas:
   """``num_replicas`` replicas laid out over devices.
 

@@ -204,7 +204,7 @@ class RoundFn:
     self._build = build
     self._compiled = {}
     self.replicas = replicas
-    self._mapping = 'vmap' if mapping == 'auto' and replicas.per_device == 1 else mapping
+    self._mapping = replicas_lib.local_mapping(mapping, per_device=replicas.per_device)
     self.L = L
     self.passes_batches = passes_batches
     self.with_reference = with_reference
@@ -214,6 +214,11 @@ class RoundFn:
   @property
   def mapping(self) -> str:
     return self._mapping
+
+  @property
+  def chosen_mapping(self) -> Optional[str]:
+    """The local mapping once decided; None while ``'auto'`` has not measured yet."""
+    return None if self._mapping == 'auto' else self._mapping
 
   @mapping.setter
   def mapping(self, mapping: str) -> None:
@@ -296,5 +301,5 @@ class RoundFn:
     """``jax.stages.Lowered`` of the round (e.g. to inspect its HLO)."""
     if self.passes_batches:
       data = self._check_batches(data)
-    mapping = mapping or ('vmap' if self._mapping == 'auto' else self._mapping)
+    mapping = mapping or self.chosen_mapping or 'vmap'
     return self._fn(mapping).lower(state, data)
