@@ -21,7 +21,7 @@ Suites:
 * ``fashion_mnist_lenet_sweep``: the budget sweep: Parle n=3 against SGD on
   the mini-batches of one replica and on the same total, at ``SWEEP_ROUNDS``
   rounds each (schedules compressed to each budget), the first seed at every
-  budget and all given seeds at the longest (run it with ``--seeds=0,1``).
+  budget and all given seeds at the longest (the stored results: ``--seeds=0``).
 * ``fashion_mnist_gpu``: the paper's budget (5 Parle epochs = 125 effective
   epochs) for LeNet and WRN-16-4, for a GPU.
 """
