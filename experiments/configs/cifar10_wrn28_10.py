@@ -1,6 +1,6 @@
 """WRN-28-10 on CIFAR-10 (paper: Parle 3.24% with n=3, SGD 4.29%).
 
-5 Parle epochs (125 effective epochs), lr 0.1 divided by 5 each epoch,
+5 Parle epochs (125 effective epochs), lr 0.1 divided by 5 at epochs 1, 2 and 3,
 weight decay 5e-4, dropout 0.25, random flips and 4-pixel pad + crop.
 """
 

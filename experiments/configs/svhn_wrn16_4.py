@@ -1,6 +1,6 @@
 """WRN-16-4 on SVHN (train + extra; paper: Parle 1.68% with n=3, SGD 1.62%).
 
-5 Parle epochs, lr 0.1 divided by 5 each epoch, weight decay 5e-4, dropout 0.4.
+5 Parle epochs, lr 0.1 divided by 5 at epochs 1, 2 and 3, weight decay 5e-4, dropout 0.4.
 """
 
 from experiments.configs import base
