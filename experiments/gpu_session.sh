@@ -48,7 +48,7 @@ if [ -n "${GPU_SMOKE:-}" ]; then  # tiny sizes: checks the plumbing, not the GPU
 else
   BENCH_ARGS=(--models=lenet,wrn16_4 --replicas=3 --optimizers=sgd,parle)
   ROOF_ARGS=()
-  SUITE_ARGS=(--suite=fashion_mnist_gpu --only=lenet_parle,lenet_sgd,lenet_local_sgd,lenet_diloco)
+  SUITE_ARGS=(--suite=fashion_mnist_lenet_paper --only=parle,sgd_n1,local_sgd,diloco)
   SEEDS=(0 1 2)
 fi
 

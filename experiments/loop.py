@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from experiments import distributed, faults, metric_writer
+from experiments import distributed, faults, metric_writer, provenance
 from parle_jax import checkpoint
 
 
@@ -92,6 +92,8 @@ class TrainingLoop:
     """Trains to the plan's last round; returns (state, last evaluation, training seconds)."""
     plan = self.plan
     self.writer = metric_writer.MetricWriter(self.workdir, resume_round=self.rounds_done)
+    if distributed.is_primary():
+      provenance.append(self.workdir, self.rounds_done)  # one record per start or resume
     logging.info('%s on %s: %s', plan.optimizer, self.experiment.replicas, plan)
     self.bar = tqdm.tqdm(total=plan.total_rounds, initial=self.rounds_done, unit='round',
                          disable=not self.config.progress_bar or not distributed.is_primary(),

@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import parle_jax
-from experiments import distributed, errors, faults, loop, optimizers
+from experiments import distributed, errors, faults, loop, optimizers, provenance
 from experiments import workdir as workdir_lib
 from experiments.configs import base
 from parle_jax import checkpoint, data, evaluate, models, training
@@ -220,7 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  gradient_evaluations=plan.gradient_evaluations(plan.total_rounds),
                  train_seconds=train_seconds, mapping=experiment.round_fn.mapping,
                  conv=experiment.conv,
-                 compile_seconds=sum(experiment.round_fn.compile_seconds.values()))
+                 compile_seconds=sum(experiment.round_fn.compile_seconds.values()),
+                 provenance=provenance.read(workdir))
   if distributed.is_primary():
     print(f"{plan.optimizer} ({plan.num_replicas} replica{'s' * (plan.num_replicas > 1)}, "
           f"{results['effective_epochs']:.1f} effective epochs): reference test error "

@@ -3,6 +3,7 @@
 =========================  ==========================================================
 ``config.json``            the run's config (written once the run is planned)
 ``metrics.jsonl``          one JSON record per log or evaluation (process 0)
+``provenance.jsonl``       the commit, packages and CPU of each start or resume (process 0)
 ``tensorboard/``           the same records as TensorBoard events (process 0)
 ``checkpoints/<round>/``   orbax checkpoints of the whole replica state
 ``reference/``             the reference model as plain Flax variables
@@ -16,6 +17,7 @@ import os
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
+PROVENANCE = 'provenance.jsonl'  # see experiments.provenance
 TENSORBOARD = 'tensorboard'
 CHECKPOINTS = 'checkpoints'
 REFERENCE = 'reference'
@@ -30,7 +32,7 @@ def sgd_baseline(budget: str) -> str:
 
 
 # Everything a run writes: what --overwrite deletes.
-OUTPUTS = (CHECKPOINTS, TENSORBOARD, REFERENCE, METRICS, CONFIG) + tuple(
+OUTPUTS = (CHECKPOINTS, TENSORBOARD, REFERENCE, METRICS, PROVENANCE, CONFIG) + tuple(
     sgd_baseline(budget) for budget in SGD_BUDGETS)
 
 

@@ -24,6 +24,6 @@ def test_every_requested_run_exists_in_its_suite():
 
 
 def test_gpu_suite_trains_lenet_at_the_papers_budget():
-  runs = dict(suite.SUITES['fashion_mnist_gpu']([0]))
-  assert runs['lenet_parle_seed0'].epochs == 5 and runs['lenet_parle_seed0'].num_replicas == 3
-  assert runs['lenet_sgd_seed0'].epochs == 125
+  runs = dict(suite.SUITES['fashion_mnist_lenet_paper']([0]))
+  assert runs['parle_n3_seed0'].epochs == 5 and runs['parle_n3_seed0'].num_replicas == 3
+  assert runs['sgd_n1_seed0'].epochs == 125

@@ -158,15 +158,20 @@ def test_run_suite_keeps_raw_files_and_skips_finished_runs(tmp_path, monkeypatch
     suite.run_suite('nope', runs_dir, results_dir, [0])
 
 
-def test_gpu_suite_has_the_papers_budgets():
+def test_paper_suites_have_the_papers_budgets():
   from experiments.configs import base
-  runs = dict(suite._gpu_runs([0]))
+  runs = {(model, name): config for model in ('lenet', 'wrn16_4')
+          for name, config in suite.SUITES[f'fashion_mnist_{model}_paper']([0])}
   assert len(runs) == 2 * 7  # two models, seven optimizers
   for name, config in runs.items():
     base.validate(config)
     plan = optimizers.make_plan(config, suite.FASHION_MNIST_TRAIN, 1)
     # 5 Parle epochs = 125 effective epochs; the SGD-type optimizers get 125 epochs.
     assert plan.effective_epochs(plan.total_rounds) == pytest.approx(125, rel=0.01), name
+    # The learning rate drops 5x at Parle epochs 1, 2 and 3 (a fifth of the run each).
+    assert [e / config.epochs for e in config.lr_drop_epochs] == pytest.approx([0.2, 0.4, 0.6])
+  parle = runs[('lenet', 'parle_n3_seed0')]
+  assert optimizers.make_plan(parle, suite.FASHION_MNIST_TRAIN, 1).total_rounds == 2345
 
 
 def test_update_between_markers_replaces_only_the_suites_tables(tmp_path):
