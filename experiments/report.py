@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from absl import app, flags
 
-from experiments import workdir
+from experiments import provenance, workdir
 
 FLAGS = flags.FLAGS
 
@@ -157,8 +157,14 @@ def baseline_error(runs: Sequence[Run], group: str = REFERENCE_BASELINE) -> Opti
   return float(np.mean(errors)) if errors else None
 
 
+def provenance_line(runs: Sequence[Run]) -> str:
+  """Under a table: the commits and CPUs its runs came from."""
+  return 'Runs from: ' + provenance.describe_runs(
+      [r.summary.get('provenance') or [] for r in runs]) + '.'
+
+
 def markdown(runs: Sequence[Run]) -> str:
-  """The accuracy and time-to-accuracy tables as Markdown."""
+  """The accuracy and time-to-accuracy tables as Markdown, each with its runs' provenance."""
   lines = ['| run | replicas | data per replica | seeds | reference test error % | '
            'reference train error % | mean replica test error % | ensemble test error % | '
            'mini-batch gradients | effective epochs | training s | load | machine |',
@@ -172,11 +178,13 @@ def markdown(runs: Sequence[Run]) -> str:
         f"{row['gradient_evaluations']} | {row['effective_epochs']:.2f} | "
         f"{_format(*row['train_seconds'], digits=0)} | {row['load_average']:.1f} | "
         f"{row['machine']} |")
+  lines += ['', provenance_line(runs)]
   sweep = sweep_table(runs)
   if sweep:
     lines += ['', 'Final reference error against the budget (rounds of L mini-batches per '
               'replica; SGD on the mini-batches of one replica, and on the same total):', '',
-              sweep_markdown(sweep).rstrip('\n')]
+              sweep_markdown(sweep).rstrip('\n'), '',
+              provenance_line([r for r in runs if _BUDGET.match(r.group)])]
   target = baseline_error(runs)
   if target is not None:
     lines += ['', f'Time to reach SGD\'s final test error ({target:.2f}%, mean over its seeds), '
@@ -188,6 +196,7 @@ def markdown(runs: Sequence[Run]) -> str:
       grads = ('-' if row['gradient_evaluations'] is None
                else _format(*row['gradient_evaluations'], digits=0))
       lines.append(f"| {row['run']} | {row['reached']} | {seconds} | {grads} |")
+    lines += ['', provenance_line(runs)]
   return '\n'.join(lines) + '\n'
 
 

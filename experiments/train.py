@@ -26,6 +26,7 @@ died (JAX may instead abort the process, status 134, when its heartbeats stop).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging as std_logging
 import os
 from typing import Any, Optional
@@ -175,8 +176,13 @@ def started_with(config: ml_collections.ConfigDict, record: dict) -> dict[str, s
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       overwrite: bool = False) -> dict[str, Any]:
+                       overwrite: bool = False, stop_after_round: Optional[int] = None,
+                       started: Optional[dict[str, str]] = None) -> dict[str, Any]:
   """Trains as `config` says, evaluating and checkpointing in `workdir`.
+
+  `stop_after_round` ends the run after that many rounds of the plan (its
+  schedules unchanged), evaluating there: what :mod:`experiments.replay` runs.
+  `started` gives the ``mapping`` and ``conv`` that a logged run chose.
 
   With several processes (:mod:`experiments.distributed`), every process calls
   this; process 0 writes the files other than checkpoints.
@@ -203,7 +209,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   config_json = config.to_json_best_effort(sort_keys=True)
   with faults.StopSignals() as signals:
     record = faults.check_workdir(workdir, config_json, overwrite=overwrite)  # before the data
-    experiment = Experiment(config, **started_with(config, record))  # data, plan: nothing written
+    experiment = Experiment(config, **(started or started_with(config, record)))  # nothing written
+    if stop_after_round is not None:
+      if not 0 < stop_after_round <= experiment.plan.total_rounds:
+        raise ValueError(f'stop_after_round={stop_after_round} is outside the plan\'s rounds '
+                         f'1..{experiment.plan.total_rounds}.')
+      experiment.plan = dataclasses.replace(experiment.plan, total_rounds=stop_after_round)
     checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,
                                        keep_checkpoints=config.keep_checkpoints)
     try:

@@ -201,6 +201,8 @@ def test_sweep_table_and_plot_read_the_budget_from_the_run_names(tmp_path):
   assert rows[(12, 'parle_n3')]['train_error'][0] == 15.0  # the summary's train error
   text = report.markdown(runs)
   assert '| 50 | 12.00 ± 1.41 (11.00 ± 1.41) [2 seeds] | 12.00 (11.00) |' in text
+  # Under each table: where its runs came from (these fakes recorded nothing).
+  assert text.count('Runs from: commit and CPU not recorded (5 runs).') == 2
   assert 'sweep.png' in report.figures(runs)
   # The CPU suite's run names hold no budget: no sweep table, no sweep plot.
   _write_run(tmp_path / 'cpu', 'parle_n3_seed0', 'parle', 3, 15.0, [30.0, 15.0], [1.0, 2.0])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import distributed, optimizers, train
+from experiments import distributed, optimizers, provenance, train
 from experiments.configs import (base, cifar100_wrn28_10, cifar10_allcnn, cifar10_wrn28_10,
                                  default, fashion_mnist_lenet, fashion_mnist_wrn16_4,
                                  mnist_lenet, svhn_wrn16_4)
@@ -291,6 +291,9 @@ def test_killed_run_resumes_to_the_same_numbers(fashion_mnist_data_dir, tmp_path
   output = _finish(_launch(overrides, interrupted, fashion_mnist_data_dir,
                            tmp_path / 'resumed.log'), tmp_path / 'resumed.log')
   assert 'Resumed from the checkpoint after round' in output, output[-5000:]
+  segments = provenance.read(str(interrupted))  # one record per start: the resume shows
+  assert [s['start_round'] for s in segments][0] == 0 and len(segments) == 2
+  assert segments[1]['start_round'] in (4, 8) and segments[1]['commit'] == segments[0]['commit']
 
   uninterrupted = tmp_path / 'uninterrupted'
   _finish(_launch(overrides, uninterrupted, fashion_mnist_data_dir, tmp_path / 'straight.log'),

@@ -1,0 +1,167 @@
+"""Replays the start of a logged run and compares it with its log: the golden-file check.
+
+  python -m experiments.replay --run=experiments/results/default_job/parle_n3_seed0
+
+Trains the run's own ``config.json`` (with the replica mapping and
+convolutions its summary records) up to its first logged evaluation, in a
+scratch workdir, and compares every logged train loss and error and the first
+evaluation's test errors with the log:
+
+* on the CPU kind the run came from (:func:`experiments.provenance.cpu_kind`
+  and the package versions of its first segment), digit for digit: a change of
+  the code that moves a number by one float rounding fails;
+* on another kind, or for a run that did not record its CPU, within
+  :data:`TOLERANCES` (what float rounding on another CPU gives this early,
+  measured), and it says so.
+
+Run it with the environment the run had (``XLA_FLAGS`` decides the device
+count): the test in ``tests/test_replay.py`` does. Exit status 0 when the
+numbers agree as required, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any, Optional
+
+import ml_collections
+from absl import app, flags
+
+from experiments import provenance
+from experiments import workdir as workdir_lib
+
+LOSS_KEYS = ('train/loss',)
+ERROR_KEYS = ('train/error', 'reference/test_error', 'ensemble/test_error', 'replica/test_error',
+              'reference/train_error')
+# On another CPU kind: the largest differences from float rounding at the first logged values
+# (measured: logs of a 2-core AMD EPYC replayed on a 2-core Intel Xeon, see docs/results.md).
+TOLERANCES = {'loss': 0.05, 'error': 3.0}  # absolute: loss in nats, errors in points
+
+
+@dataclasses.dataclass
+class Comparison:
+  """How a replay compared with its log.
+
+  Attributes:
+    same_kind: the replay ran on the CPU kind (and packages) of the run's start.
+    logged_kind: that kind, or ``'not recorded'``.
+    here_kind: the kind of this machine.
+    rows: ``(round, key, logged, replayed)`` for every compared value.
+    mismatches: the rows that break the rule (bitwise, or the tolerance).
+  """
+
+  same_kind: bool
+  logged_kind: str
+  here_kind: str
+  rows: list[tuple[int, str, Any, Any]]
+  mismatches: list[tuple[int, str, Any, Any]]
+
+  def summary(self) -> str:
+    rule = ('bitwise (same CPU kind and packages)' if self.same_kind else
+            f"within loss {TOLERANCES['loss']}, errors {TOLERANCES['error']} points "
+            '(another CPU kind: float rounding differs)')
+    verdict = 'agree' if not self.mismatches else f'{len(self.mismatches)} differ'
+    lines = [f'logged on {self.logged_kind}; replayed on {self.here_kind}',
+             f'{len(self.rows)} values compared {rule}: {verdict}']
+    for round_index, key, logged, replayed in self.mismatches[:10]:
+      lines.append(f'  round {round_index} {key}: logged {logged!r}, replayed {replayed!r}')
+    return '\n'.join(lines)
+
+
+def _records(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def first_evaluation_round(records: list[dict[str, Any]]) -> int:
+  """The round of a log's first evaluation."""
+  rounds = [r['round'] for r in records if 'reference/test_error' in r]
+  if not rounds:
+    raise ValueError('the log has no evaluation to replay up to.')
+  return min(rounds)
+
+
+def _values(records, last_round: int) -> dict[tuple[int, str], Any]:
+  out = {}
+  for record in records:
+    if record['round'] > last_round or 'rollback' in record:
+      continue
+    for key in LOSS_KEYS + ERROR_KEYS:
+      if key in record:
+        out[(record['round'], key)] = record[key]
+  return out
+
+
+def _within(key: str, logged, replayed) -> bool:
+  tolerance = TOLERANCES['loss'] if key in LOSS_KEYS else TOLERANCES['error']
+  logged, replayed = (logged if isinstance(logged, list) else [logged],
+                      replayed if isinstance(replayed, list) else [replayed])
+  return len(logged) == len(replayed) and all(
+      abs(a - b) <= tolerance for a, b in zip(logged, replayed))
+
+
+def compare(logged_records, replayed_records, last_round: int, same_kind: bool):
+  """The compared rows and the mismatches (see :class:`Comparison`)."""
+  logged, replayed = _values(logged_records, last_round), _values(replayed_records, last_round)
+  rows, mismatches = [], []
+  for (round_index, key), value in sorted(logged.items()):
+    other = replayed.get((round_index, key))
+    row = (round_index, key, value, other)
+    rows.append(row)
+    ok = other is not None and (value == other if same_kind else _within(key, value, other))
+    if not ok:
+      mismatches.append(row)
+  return rows, mismatches
+
+
+def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None) -> Comparison:
+  """Replays `run_dir` (config.json, metrics.jsonl, summary.json) to its first evaluation."""
+  from experiments import train  # pylint: disable=g-import-not-at-top  (starts JAX)
+
+  with open(os.path.join(run_dir, workdir_lib.CONFIG)) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  with open(os.path.join(run_dir, 'summary.json')) as f:
+    summary = json.load(f)
+  logged = _records(os.path.join(run_dir, workdir_lib.METRICS))
+  last_round = first_evaluation_round(logged)
+  config.compare_to_sgd, config.progress_bar = False, False
+  if data_dir:
+    config.data_dir = data_dir
+  config.lock()
+  with tempfile.TemporaryDirectory(dir=scratch) as workdir:
+    train.train_and_evaluate(config, workdir, stop_after_round=last_round,
+                             started={'mapping': summary['mapping'], 'conv': summary['conv']})
+    replayed = _records(workdir_lib.path(workdir, workdir_lib.METRICS))
+    here = provenance.read(workdir)[0]
+  segments = summary.get('provenance') or []
+  here_kind = provenance.cpu_kind(here)
+  if segments:
+    logged_kind = provenance.cpu_kind(segments[0])
+    same_kind = logged_kind == here_kind and segments[0]['versions'] == here['versions']
+  else:
+    logged_kind, same_kind = 'not recorded', False
+  rows, mismatches = compare(logged, replayed, last_round, same_kind)
+  return Comparison(same_kind, logged_kind, here_kind, rows, mismatches)
+
+
+_RUN = flags.DEFINE_string('run', None, 'A logged run: a directory under experiments/results.')
+_DATA_DIR = flags.DEFINE_string('data_dir', '', 'config.data_dir for the replay.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _RUN.value:
+    raise app.UsageError('--run is required.')
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  train.quiet_orbax_logs()
+  comparison = replay(_RUN.value, _DATA_DIR.value)
+  print(comparison.summary())
+  return 1 if comparison.mismatches else 0
+
+
+if __name__ == '__main__':
+  app.run(main)

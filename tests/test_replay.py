@@ -1,0 +1,89 @@
+"""Logged runs are golden files: the start of committed runs, replayed from their own config.
+
+Each replay trains a committed run's ``config.json`` up to its first logged
+evaluation in a subprocess with the run's ``XLA_FLAGS`` (so its device count)
+and compares the log with :mod:`experiments.replay`: digit for digit on the
+CPU kind the run came from, within the stated tolerance on another kind (a
+warning then says so). A change that moves a logged number fails here until
+the same change regenerates the affected results and the README.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from experiments import provenance, replay
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / 'experiments' / 'results'
+REPLAYED = (  # the default job's Parle run, SGD, local SGD, Elastic-SGD and the sweep
+    'default_job/parle_n3_seed0',
+    'default_job/sgd_replica_budget_seed0',
+    'fashion_mnist_lenet_sweep/parle_n3_r12_seed0',
+    'fashion_mnist_lenet_sweep/sgd_total_budget_r12_seed0',
+    'fashion_mnist_lenet_cpu/local_sgd_n3_seed0',
+    'fashion_mnist_lenet_cpu/elastic_sgd_n3_seed0',
+)
+
+
+@pytest.mark.parametrize('run', REPLAYED)
+def test_replay_of_a_logged_run_matches_its_log(run, fashion_mnist_data_dir, tmp_path):
+  run_dir = RESULTS / run
+  summary = json.loads((run_dir / 'summary.json').read_text())
+  segments = summary.get('provenance') or []
+  env = dict(os.environ, PARLE_COMPILATION_CACHE='', JAX_PLATFORMS='cpu',
+             XLA_FLAGS=segments[0]['xla_flags'] if segments else '')
+  process = subprocess.run(
+      [sys.executable, '-m', 'experiments.replay', f'--run={run_dir}',
+       f'--data_dir={fashion_mnist_data_dir}'], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=900)
+  lines = [l for l in process.stdout.splitlines() if l.startswith(('logged on', '  round')) or
+           'values compared' in l]
+  assert process.returncode == 0, '\n'.join(lines) + process.stderr[-3000:]
+  assert any('values compared' in l and ': agree' in l for l in lines), process.stdout[-3000:]
+  if 'bitwise' not in '\n'.join(lines):
+    warnings.warn(f'{run}: ' + ' | '.join(lines))  # another CPU kind: says so, passes
+
+
+def _log(*records):
+  return [dict(r) for r in records]
+
+
+def test_compare_is_bitwise_on_the_same_kind_and_tolerant_on_another():
+  logged = _log({'round': 3, 'train/loss': 0.5, 'train/error': 20.0},
+                {'round': 3, 'reference/test_error': 15.41, 'replica/test_error': [16.0, 17.0]},
+                {'round': 6, 'train/loss': 0.4})
+  same = _log({'round': 3, 'train/loss': 0.5, 'train/error': 20.0},
+              {'round': 3, 'reference/test_error': 15.41, 'replica/test_error': [16.0, 17.0]})
+  rows, mismatches = replay.compare(logged, same, 3, same_kind=True)
+  assert len(rows) == 4 and mismatches == []  # round 6 is past the replay
+  nudged = _log({'round': 3, 'train/loss': 0.5 + 1e-9, 'train/error': 20.0},
+                {'round': 3, 'reference/test_error': 15.42, 'replica/test_error': [16.0, 17.0]})
+  _, mismatches = replay.compare(logged, nudged, 3, same_kind=True)
+  assert [(m[0], m[1]) for m in mismatches] == [(3, 'reference/test_error'), (3, 'train/loss')]
+  _, mismatches = replay.compare(logged, nudged, 3, same_kind=False)
+  assert mismatches == []  # within 0.05 nats and 3 points on another kind
+  far = _log({'round': 3, 'train/loss': 0.56, 'train/error': 20.0},
+             {'round': 3, 'reference/test_error': 15.41, 'replica/test_error': [16.0, 20.5]})
+  _, mismatches = replay.compare(logged, far, 3, same_kind=False)
+  assert [(m[0], m[1]) for m in mismatches] == [(3, 'replica/test_error'), (3, 'train/loss')]
+  _, mismatches = replay.compare(logged, same[:1], 3, same_kind=True)
+  assert [m[1] for m in mismatches] == ['reference/test_error', 'replica/test_error']  # missing
+  assert replay.first_evaluation_round(logged) == 3
+  with pytest.raises(ValueError, match='no evaluation'):
+    replay.first_evaluation_round(logged[:1])
+
+
+def test_every_replayed_run_of_this_work_names_its_commit_and_cpu():
+  for run in REPLAYED:
+    summary = json.loads((RESULTS / run / 'summary.json').read_text())
+    if run.startswith('fashion_mnist_lenet_cpu/'):
+      continue  # the 120-round suite predates provenance: "CPU not recorded"
+    segment = summary['provenance'][0]
+    assert len(segment['commit']) == 40 and segment['cpu']['usable_cores'] >= 1, run
+    assert provenance.cpu_kind(segment)
