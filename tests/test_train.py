@@ -304,3 +304,7 @@ def test_killed_run_resumes_to_the_same_numbers(fashion_mnist_data_dir, tmp_path
     np.testing.assert_array_equal(x, y)
   records = [json.loads(line) for line in open(interrupted / 'metrics.jsonl')]
   assert [r['round'] for r in records if 'train/loss' in r] == list(range(1, 13))
+  straight = [json.loads(line) for line in open(uninterrupted / 'metrics.jsonl')]
+  numbers = lambda rs: [{k: v for k, v in r.items()  # noqa: E731  (clocks aside)
+                         if k not in ('time', 'train_seconds', 'images_per_second')} for r in rs]
+  assert numbers(records) == numbers(straight)  # every logged number, digit for digit
