@@ -109,11 +109,16 @@ def versions() -> dict[str, str]:
   return out
 
 
+# The code this process runs is the tree when it started (its modules are loaded then), not
+# what the tree holds when a later run of a suite starts: read once, at import.
+_GIT_STATE_AT_START = git_state()
+
+
 def current(start_round: int) -> dict[str, Any]:
   """This process's provenance, for a segment that starts after `start_round` rounds."""
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
-  return dict(git_state(), start_round=start_round, time=time.time(), versions=versions(),
+  return dict(_GIT_STATE_AT_START, start_round=start_round, time=time.time(), versions=versions(),
               xla_flags=os.environ.get('XLA_FLAGS', ''), cpu=cpu(),
               platform=device.platform, device_kind=device.device_kind,
               device_count=jax.device_count(), process_count=jax.process_count(),

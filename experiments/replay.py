@@ -51,6 +51,8 @@ class Comparison:
     here_kind: the kind of this machine.
     rows: ``(round, key, logged, replayed)`` for every compared value.
     mismatches: the rows that break the rule (bitwise, or the tolerance).
+    added_fields: config fields the logged config lacks (added to the code
+      later), replayed at their defaults.
   """
 
   same_kind: bool
@@ -58,6 +60,7 @@ class Comparison:
   here_kind: str
   rows: list[tuple[int, str, Any, Any]]
   mismatches: list[tuple[int, str, Any, Any]]
+  added_fields: list[str] = dataclasses.field(default_factory=list)
 
   def summary(self) -> str:
     rule = ('bitwise (same CPU kind and packages)' if self.same_kind else
@@ -66,6 +69,9 @@ class Comparison:
     verdict = 'agree' if not self.mismatches else f'{len(self.mismatches)} differ'
     lines = [f'logged on {self.logged_kind}; replayed on {self.here_kind}',
              f'{len(self.rows)} values compared {rule}: {verdict}']
+    if self.added_fields:
+      lines.insert(1, 'fields the logged config lacks, replayed at their defaults: ' +
+                   ', '.join(self.added_fields))
     for round_index, key, logged, replayed in self.mismatches[:10]:
       lines.append(f'  round {round_index} {key}: logged {logged!r}, replayed {replayed!r}')
     return '\n'.join(lines)
@@ -122,7 +128,7 @@ def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None) -> C
   from experiments import train  # pylint: disable=g-import-not-at-top  (starts JAX)
 
   with open(os.path.join(run_dir, workdir_lib.CONFIG)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config, added = with_defaults(json.load(f))
   with open(os.path.join(run_dir, 'summary.json')) as f:
     summary = json.load(f)
   logged = _records(os.path.join(run_dir, workdir_lib.METRICS))
@@ -144,7 +150,22 @@ def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None) -> C
   else:
     logged_kind, same_kind = 'not recorded', False
   rows, mismatches = compare(logged, replayed, last_round, same_kind)
-  return Comparison(same_kind, logged_kind, here_kind, rows, mismatches)
+  return Comparison(same_kind, logged_kind, here_kind, rows, mismatches, added)
+
+
+def with_defaults(logged_config: dict[str, Any]) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A logged config with the fields that code added since it was logged, at their defaults.
+
+  A field added later defaults to what the code did before it existed (the
+  project's rule for new config fields), so an older run replays unchanged.
+  Returns the config and the names of the added fields.
+  """
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
+  defaults = base.get_config().to_dict()
+  added = sorted(set(defaults) - set(logged_config))
+  merged = dict(logged_config)
+  merged.update({name: defaults[name] for name in added})
+  return ml_collections.ConfigDict(merged), added
 
 
 _RUN = flags.DEFINE_string('run', None, 'A logged run: a directory under experiments/results.')

@@ -87,3 +87,14 @@ def test_every_replayed_run_of_this_work_names_its_commit_and_cpu():
     segment = summary['provenance'][0]
     assert len(segment['commit']) == 40 and segment['cpu']['usable_cores'] >= 1, run
     assert provenance.cpu_kind(segment)
+
+
+def test_a_config_logged_before_a_field_existed_replays_with_that_fields_default():
+  from experiments.configs import base
+  logged = base.get_config().to_dict()
+  del logged['device_map'], logged['mapping']
+  logged['L'] = 7
+  config, added = replay.with_defaults(logged)
+  assert added == ['device_map', 'mapping']
+  assert config.device_map == 'pmap' and config.mapping == 'auto' and config.L == 7
+  base.validate(config)
