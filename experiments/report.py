@@ -6,7 +6,17 @@ Reads ``<results_dir>/<suite>/<run>/{config.json,metrics.jsonl,summary.json}``
 as :mod:`experiments.suite` leaves them, and writes
 ``<results_dir>/<suite>/tables.md`` and the plots ``<results_dir>/<suite>/*.png``.
 Every number comes from those files; runs that differ only in the seed form one
-row (mean and sample standard deviation over seeds).
+row (mean and sample standard deviation over seeds). Under every table, the
+commits and CPUs its runs came from.
+
+``--readme=README.md,docs/results.md`` also replaces, in each file, what stands
+between the suite's markers: ``<!-- BEGIN report:<suite> -->`` gets the full
+tables, ``<!-- BEGIN report:<suite>:summary -->`` the short one for the README,
+``<!-- BEGIN report:<suite>:sweep -->`` the budget sweep alone.
+
+``--suite=cpu_kinds`` tabulates the runs under ``<results_dir>/cpu_kinds/``:
+committed runs rerun on another CPU kind, each beside the run of the same name
+(``<results_dir>/<suite>/<run>``), with the difference of their final errors.
 """
 
 from __future__ import annotations
@@ -29,14 +39,19 @@ def define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
   flags.DEFINE_string('results_dir', 'experiments/results', 'Suites live here.')
   flags.DEFINE_string('suite', 'fashion_mnist_lenet_cpu', 'Which suite to report.')
-  flags.DEFINE_string('readme', None, 'Also replace the tables between the markers '
-                      '<!-- BEGIN report:<suite> --> and <!-- END report:<suite> --> in this file.')
+  flags.DEFINE_list('readme', [], 'Also replace the tables between the markers '
+                    '<!-- BEGIN report:<suite>[:section] --> and <!-- END ... --> in these files.')
 
 _SEED = re.compile(r'_seed(\d+)$')
 _BUDGET = re.compile(r'^(.*)_r(\d+)$')  # budget-sweep groups: <method>_r<rounds>
 GROUP_ORDER = ('parle_n3', 'entropy_sgd_n1', 'elastic_sgd_n3', 'sgd_n1', 'data_parallel_sgd_n3',
                'local_sgd_n3', 'diloco_n3')
 REFERENCE_BASELINE = 'sgd_n1'  # time to accuracy: to reach this group's final test error
+CPU_KINDS = 'cpu_kinds'  # <results_dir>/cpu_kinds/<suite>/<run>: reruns on another CPU kind
+# Runs one suite borrows from another, renamed: the budget sweep's last point is the paper's budget.
+BORROWED = {'fashion_mnist_lenet_sweep': (
+    ('fashion_mnist_lenet_paper', {'parle_n3': 'parle_n3_r2345',
+                                   'sgd_n1': 'sgd_replica_budget_r2345'}),)}
 
 
 @dataclasses.dataclass
@@ -76,6 +91,20 @@ def load_runs(suite_dir: str) -> list[Run]:
       summary = json.load(f)
     runs.append(Run(name, config, records, summary))
   return runs
+
+
+def load_suite(results_dir: str, suite: str) -> list[Run]:
+  """A suite's finished runs, with those it borrows from other suites (:data:`BORROWED`)."""
+  runs = load_runs(os.path.join(results_dir, suite))
+  for other, renames in BORROWED.get(suite, ()):
+    other_dir = os.path.join(results_dir, other)
+    if not os.path.isdir(other_dir):
+      continue
+    for run in load_runs(other_dir):
+      if run.group in renames:
+        name = renames[run.group] + run.name[len(run.group):]
+        runs.append(dataclasses.replace(run, name=name))
+  return sorted(runs, key=lambda run: run.name)
 
 
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
@@ -241,6 +270,95 @@ def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def summary_markdown(runs: Sequence[Run]) -> str:
+  """The short table for the README: final errors per group over seeds, and provenance."""
+  lines = ['| run | replicas | seeds | test error % | train error % | ensemble test error % | '
+           'mini-batch gradients | effective epochs |', '|' + '---|' * 8]
+  for row in accuracy_table(runs):
+    train = _format(*row['reference_train_error']) if 'reference_train_error' in row else '-'
+    lines.append(
+        f"| {row['run']} | {row['replicas']} | {row['seeds']} | "
+        f"{_format(*row['reference_test_error'])} | {train} | "
+        f"{_format(*row['ensemble_test_error'])} | {row['gradient_evaluations']:,} | "
+        f"{row['effective_epochs']:.1f} |")
+  return '\n'.join(lines + ['', provenance_line(runs)]) + '\n'
+
+
+def sweep_section(runs: Sequence[Run]) -> str:
+  """The budget sweep alone (for the README), with its runs' provenance."""
+  rows = sweep_table(runs)
+  if not rows:
+    return ''
+  swept = [r for r in runs if _BUDGET.match(r.group)]
+  return sweep_markdown(rows) + '\n' + provenance_line(swept) + '\n'
+
+
+def _kind_and_commit(run: Run) -> str:
+  segments = run.summary.get('provenance') or []
+  if not segments:
+    return 'not recorded'
+  first = segments[0]
+  commit = first['commit'] if first['commit'] == provenance.NOT_A_CHECKOUT else first['commit'][:7]
+  return f'{provenance.short_cpu(first)} ({commit})'
+
+
+def cpu_kinds_table(results_dir: str) -> list[dict[str, Any]]:
+  """Committed runs beside their reruns on another CPU kind: final errors and differences.
+
+  Reads ``<results_dir>/cpu_kinds/<suite>/<run>`` and pairs each with
+  ``<results_dir>/<suite>/<run>``; the config of the two must be equal (else
+  they are not the same run and a ValueError says so).
+  """
+  kinds_dir = os.path.join(results_dir, CPU_KINDS)
+  if not os.path.isdir(kinds_dir):
+    raise FileNotFoundError(f'no reruns in {kinds_dir}; run experiments.suite with '
+                            f'--results_dir={kinds_dir} on another CPU kind first.')
+  rows = []
+  for suite in sorted(os.listdir(kinds_dir)):
+    if not os.path.isdir(os.path.join(kinds_dir, suite)):
+      continue
+    committed = {r.name: r for r in load_runs(os.path.join(results_dir, suite))}
+    for rerun in load_runs(os.path.join(kinds_dir, suite)):
+      run = committed.get(rerun.name)
+      if run is None:
+        continue
+      differing = sorted(k for k in set(run.config) | set(rerun.config)
+                         if k not in ('data_dir', 'progress_bar') and
+                         run.config.get(k) != rerun.config.get(k))
+      if differing:
+        raise ValueError(f'{suite}/{rerun.name}: the rerun\'s config differs in {differing}.')
+      last = max(r['round'] for r in run.records)
+      row = {'suite': suite, 'run': rerun.name, 'rounds': last,
+             'kinds': (_kind_and_commit(run), _kind_and_commit(rerun))}
+      for key in ('reference/test_error', 'reference/train_error'):
+        if key in run.summary and key in rerun.summary:
+          row[key] = (run.summary[key], rerun.summary[key],
+                      rerun.summary[key] - run.summary[key])
+      rows.append(row)
+  return sorted(rows, key=lambda row: (row['rounds'], row['suite'], row['run']))
+
+
+def cpu_kinds_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  """The spread across CPU kinds: one row per rerun, and the largest difference per budget."""
+  lines = ['| rounds | run | committed run: CPU (commit) | test (train) error % | '
+           'rerun: CPU (commit) | test (train) error % | difference, points |',
+           '|' + '---|' * 7]
+  for row in rows:
+    test, train = row['reference/test_error'], row.get('reference/train_error')
+    def cell(i):
+      return f'{test[i]:.2f}' + (f' ({train[i]:.2f})' if train else '')
+    difference = f'{test[2]:+.2f}' + (f' ({train[2]:+.2f})' if train else '')
+    lines.append(f"| {row['rounds']} | {row['suite']}/{row['run']} | {row['kinds'][0]} | "
+                 f"{cell(0)} | {row['kinds'][1]} | {cell(1)} | {difference} |")
+  largest = {}
+  for row in rows:
+    largest[row['rounds']] = max(largest.get(row['rounds'], 0.0),
+                                 abs(row['reference/test_error'][2]))
+  lines += ['', 'Largest difference of the final test error between CPU kinds: ' + ', '.join(
+      f'{value:.2f} points at {rounds} rounds' for rounds, value in sorted(largest.items())) + '.']
+  return '\n'.join(lines) + '\n'
+
+
 def _curves(members: Sequence[Run], x_key: str, y_key: str):
   """x (mean over seeds) and y (mean, min, max over seeds) at the shared evaluations."""
   evaluations = [run.evaluations() for run in members]
@@ -326,22 +444,36 @@ def plot(runs: Sequence[Run], out_dir: str) -> list[str]:
   return paths
 
 
-def report(results_dir: str, suite: str) -> str:
-  """Writes tables.md and the plots of a suite; returns the Markdown."""
+def report(results_dir: str, suite: str) -> dict[str, str]:
+  """Writes tables.md and the plots of a suite; returns its Markdown sections.
+
+  Keys: ``''`` (the full tables, also in tables.md), ``'summary'`` and
+  ``'sweep'`` (see the module docstring). For ``suite='cpu_kinds'``, only
+  ``''``: the spread across CPU kinds, written to ``cpu_kinds/tables.md``.
+  """
   suite_dir = os.path.join(results_dir, suite)
-  runs = load_runs(suite_dir)
-  if not runs:
-    raise FileNotFoundError(f'no finished runs in {suite_dir}; run experiments.suite first.')
-  text = markdown(runs)
+  if suite == CPU_KINDS:
+    sections = {'': cpu_kinds_markdown(cpu_kinds_table(results_dir))}
+  else:
+    runs = load_suite(results_dir, suite)
+    if not runs:
+      raise FileNotFoundError(f'no finished runs in {suite_dir}; run experiments.suite first.')
+    sections = {'': markdown(runs), 'summary': summary_markdown(runs),
+                'sweep': sweep_section(runs)}
+    plot(runs, suite_dir)
   with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
-    f.write(text)
-  plot(runs, suite_dir)
-  return text
+    f.write(sections[''])
+  return sections
 
 
-def update_between_markers(path: str, suite: str, text: str) -> None:
-  """Replaces what stands between a suite's report markers in `path` by `text`."""
-  begin, end = f'<!-- BEGIN report:{suite} -->', f'<!-- END report:{suite} -->'
+def _markers(suite: str, section: str = '') -> tuple[str, str]:
+  name = f'{suite}:{section}' if section else suite
+  return f'<!-- BEGIN report:{name} -->', f'<!-- END report:{name} -->'
+
+
+def update_between_markers(path: str, suite: str, text: str, section: str = '') -> None:
+  """Replaces what stands between a suite's (section's) report markers in `path` by `text`."""
+  begin, end = _markers(suite, section)
   with open(path) as f:
     content = f.read()
   if content.count(begin) != 1 or content.count(end) != 1 or (
@@ -353,13 +485,33 @@ def update_between_markers(path: str, suite: str, text: str) -> None:
     f.write(f'{head}{begin}\n{text}{end}{tail}')
 
 
+def update_files(paths: Sequence[str], suite: str, sections: dict[str, str]) -> list[str]:
+  """Fills every section's markers found in `paths`; returns 'path:section' for each.
+
+  A ValueError if none of the files holds any of the suite's markers.
+  """
+  done = []
+  for path in paths:
+    with open(path) as f:
+      content = f.read()
+    for section, text in sections.items():
+      if _markers(suite, section)[0] in content:
+        update_between_markers(path, suite, text, section)
+        done.append(f'{path}:{section or "tables"}')
+  if not done:
+    raise ValueError(f'none of {list(paths)} holds a marker <!-- BEGIN report:{suite}[:section] '
+                     '-->; sections: ' + ', '.join(s or '(none)' for s in sections) + '.')
+  return done
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  text = report(FLAGS.results_dir, FLAGS.suite)
+  sections = report(FLAGS.results_dir, FLAGS.suite)
   if FLAGS.readme:
-    update_between_markers(FLAGS.readme, FLAGS.suite, text)
-  print(text)
+    for done in update_files(FLAGS.readme, FLAGS.suite, sections):
+      print(f'updated {done}')
+  print(sections[''])
 
 
 if __name__ == '__main__':

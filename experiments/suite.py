@@ -22,6 +22,9 @@ Suites:
   the mini-batches of one replica and on the same total, at ``SWEEP_ROUNDS``
   rounds each (schedules compressed to each budget), the first seed at every
   budget and all given seeds at the longest (the stored results: ``--seeds=0``).
+  Its last point is the paper's budget (2,345 rounds): Parle and SGD on one
+  replica's mini-batches are the paper suite's runs (``experiments.report``
+  borrows them), and this suite adds SGD on the same total (the first seed).
 * ``fashion_mnist_lenet_paper`` and ``fashion_mnist_wrn16_4_paper``: the
   paper's budget (5 Parle epochs = 125 effective epochs, schedules
   uncompressed); LeNet's fits a 2-core CPU, WRN-16-4's is a GPU's work.
@@ -107,6 +110,11 @@ def _lenet_sweep_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
       for name, per_replica in (('replica', True), ('total', False)):
         yield (f'sgd_{name}_budget_r{rounds}_seed{seed}',
                optimizers.sgd_config_with_same_budget(config, plan, per_replica=per_replica))
+  for seed in seeds[:1]:  # the paper's budget: SGD on the same total as the paper suite's Parle
+    _, parle = next(_paper_runs(fashion_mnist_lenet.get_config, [seed], (('parle', 3),)))
+    plan = optimizers.make_plan(parle, FASHION_MNIST_TRAIN, jax.device_count())
+    yield (f'sgd_total_budget_r{plan.total_rounds}_seed{seed}',
+           optimizers.sgd_config_with_same_budget(parle, plan, per_replica=False))
 
 
 def _paper_runs(get_config, seeds, optimizers_and_sizes

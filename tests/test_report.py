@@ -73,7 +73,11 @@ def test_time_to_accuracy_takes_the_first_evaluation_at_the_target(suite_dir):
 
 
 def test_report_writes_tables_and_plots(suite_dir):
-  text = report.report(os.path.dirname(suite_dir), os.path.basename(suite_dir))
+  sections = report.report(os.path.dirname(suite_dir), os.path.basename(suite_dir))
+  text = sections['']
+  assert sections['sweep'] == ''  # no budget in these run names
+  assert sections['summary'].splitlines()[2] == (
+      '| parle_n3 | 3 | 2 | 16.00 ± 1.41 | 15.00 ± 1.41 | 17.00 ± 1.41 | 90 | 0.3 |')
   assert '| parle_n3 | 3 | 100% | 2 | 16.00 ± 1.41 |' in text
   assert "SGD's final test error (21.00%" in text
   with open(os.path.join(suite_dir, 'tables.md')) as f:
@@ -115,7 +119,15 @@ def test_sweep_runs_parle_and_sgd_on_both_budgets_at_each_length():
   expected = [f'{kind}_r{rounds}_seed{seed}' for rounds in suite.SWEEP_ROUNDS
               for seed in ([0, 1] if rounds == longest else [0])
               for kind in ('parle_n3', 'sgd_replica_budget', 'sgd_total_budget')]
-  assert list(runs) == expected
+  assert list(runs) == expected + ['sgd_total_budget_r2345_seed0']
+  # The paper's budget: SGD on the same total as the paper suite's Parle, 3 x 125 epochs.
+  paper_parle = dict(suite._lenet_paper_runs([0]))['parle_n3_seed0']
+  total = runs['sgd_total_budget_r2345_seed0']
+  plan = optimizers.make_plan(total, suite.FASHION_MNIST_TRAIN, 1)
+  assert plan.gradient_evaluations(plan.total_rounds) == pytest.approx(3 * 2345 * 25, rel=1e-3)
+  assert total.epochs == pytest.approx(375, rel=1e-3) and total.seed == 0
+  assert [e / total.epochs for e in total.lr_drop_epochs] == pytest.approx([0.2, 0.4, 0.6])
+  assert total.model_kwargs == paper_parle.model_kwargs and total.batch_size == 128
   for rounds in suite.SWEEP_ROUNDS:
     parle = optimizers.make_plan(runs[f'parle_n3_r{rounds}_seed0'], suite.FASHION_MNIST_TRAIN, 1)
     assert parle.total_rounds == rounds and parle.num_replicas == 3
@@ -182,6 +194,81 @@ def test_update_between_markers_replaces_only_the_suites_tables(tmp_path):
       'intro\n<!-- BEGIN report:s -->\n| new |\n<!-- END report:s -->\nrest\n')
   with pytest.raises(ValueError, match='must hold the markers'):
     report.update_between_markers(str(readme), 'other', '| x |\n')
+
+
+def test_update_files_fills_each_sections_markers_where_they_are(tmp_path):
+  readme, details = tmp_path / 'README.md', tmp_path / 'results.md'
+  readme.write_text('a\n<!-- BEGIN report:s:summary -->\nx\n<!-- END report:s:summary -->\nb\n')
+  details.write_text('<!-- BEGIN report:s -->\n<!-- END report:s -->\n'
+                     '<!-- BEGIN report:s:sweep -->\n<!-- END report:s:sweep -->\n')
+  sections = {'': 'full\n', 'summary': 'short\n', 'sweep': 'budgets\n'}
+  done = report.update_files([str(readme), str(details)], 's', sections)
+  assert done == [f'{readme}:summary', f'{details}:tables', f'{details}:sweep']
+  assert readme.read_text() == (
+      'a\n<!-- BEGIN report:s:summary -->\nshort\n<!-- END report:s:summary -->\nb\n')
+  assert 'report:s -->\nfull\n<!-- END' in details.read_text()
+  assert 'report:s:sweep -->\nbudgets\n<!-- END' in details.read_text()
+  with pytest.raises(ValueError, match='none of .* holds a marker <!-- BEGIN report:t'):
+    report.update_files([str(readme)], 't', sections)
+
+
+def _with_provenance(directory, name, model, commit):
+  path = os.path.join(directory, name, 'summary.json')
+  with open(path) as f:
+    summary = json.load(f)
+  summary['provenance'] = [{'commit': commit, 'code_changed': False, 'versions': {'jax': '0.10.2'},
+                            'cpu': {'model': model, 'vector_extensions': ['avx2'],
+                                    'usable_cores': 2}, 'xla_flags': ''}]
+  with open(path, 'w') as f:
+    json.dump(summary, f)
+
+
+def test_cpu_kinds_pairs_each_rerun_with_the_committed_run_of_its_name(tmp_path):
+  results = tmp_path / 'results'
+  _write_run(results / 'sweep', 'parle_n3_r12_seed0', 'parle', 3, 15.41, [30.0, 15.41], [1, 2])
+  _write_run(results / 'sweep', 'sgd_n1_seed0', 'sgd', 1, 10.0, [30.0, 20.0, 10.0], [1, 2, 3])
+  _write_run(results / 'cpu_kinds' / 'sweep', 'parle_n3_r12_seed0', 'parle', 3, 15.60,
+             [30.0, 15.60], [1, 2])
+  _write_run(results / 'cpu_kinds' / 'sweep', 'sgd_n1_seed0', 'sgd', 1, 9.75, [30.0, 20.0, 9.75],
+             [1, 2, 3])
+  _write_run(results / 'cpu_kinds' / 'sweep', 'only_here_seed0', 'sgd', 1, 9.0, [9.0], [1])
+  _with_provenance(results / 'sweep', 'sgd_n1_seed0', 'AMD EPYC', 'a' * 40)
+  _with_provenance(results / 'cpu_kinds' / 'sweep', 'sgd_n1_seed0', 'Intel Xeon', 'b' * 40)
+  rows = report.cpu_kinds_table(str(results))
+  assert [(r['rounds'], r['run']) for r in rows] == [(2, 'parle_n3_r12_seed0'), (3, 'sgd_n1_seed0')]
+  assert rows[0]['reference/test_error'] == (15.41, 15.60, pytest.approx(0.19))
+  assert rows[1]['kinds'] == ('AMD EPYC, AVX2, 2 cores (aaaaaaa)',
+                              'Intel Xeon, AVX2, 2 cores (bbbbbbb)')
+  text = report.report(str(results), 'cpu_kinds')['']
+  assert '| 3 | sweep/sgd_n1_seed0 | AMD EPYC, AVX2, 2 cores (aaaaaaa) | 10.00 (9.00) | ' \
+         'Intel Xeon, AVX2, 2 cores (bbbbbbb) | 9.75 (8.75) | -0.25 (-0.25) |' in text
+  assert ('Largest difference of the final test error between CPU kinds: 0.19 points at 2 '
+          'rounds, 0.25 points at 3 rounds.') in text
+  assert (results / 'cpu_kinds' / 'tables.md').read_text() == text
+  with open(results / 'cpu_kinds' / 'sweep' / 'sgd_n1_seed0' / 'config.json', 'w') as f:
+    json.dump({'batch_size': 64, 'data_fraction': 1.0, 'optimizer': 'sgd'}, f)
+  with pytest.raises(ValueError, match=r"sgd_n1_seed0: the rerun's config differs in \['batch_size'\]"):
+    report.cpu_kinds_table(str(results))
+
+
+def test_the_sweep_borrows_the_paper_suites_runs_as_its_last_budget(tmp_path):
+  _write_run(tmp_path / 'fashion_mnist_lenet_sweep', 'parle_n3_r12_seed0', 'parle', 3, 15.0,
+             [30.0, 15.0], [1, 2])
+  _write_run(tmp_path / 'fashion_mnist_lenet_sweep', 'sgd_total_budget_r2345_seed0', 'sgd', 1,
+             7.5, [30.0, 7.5], [1, 2])
+  for seed, error in ((0, 8.0), (1, 8.2)):
+    _write_run(tmp_path / 'fashion_mnist_lenet_paper', f'parle_n3_seed{seed}', 'parle', 3, error,
+               [30.0, error], [1, 2])
+  _write_run(tmp_path / 'fashion_mnist_lenet_paper', 'sgd_n1_seed0', 'sgd', 1, 8.6, [30.0, 8.6],
+             [1, 2])
+  _write_run(tmp_path / 'fashion_mnist_lenet_paper', 'elastic_sgd_n3_seed0', 'elastic_sgd', 3,
+             8.1, [30.0, 8.1], [1, 2])
+  runs = report.load_suite(str(tmp_path), 'fashion_mnist_lenet_sweep')
+  assert [r.name for r in runs] == [
+      'parle_n3_r12_seed0', 'parle_n3_r2345_seed0', 'parle_n3_r2345_seed1',
+      'sgd_replica_budget_r2345_seed0', 'sgd_total_budget_r2345_seed0']  # not Elastic-SGD
+  sweep = report.sweep_section(runs)
+  assert '| 2345 | 8.10 ± 0.14 (7.10 ± 0.14) [2 seeds] | 8.60 (7.60) | 7.50 (6.50) |' in sweep
 
 
 def test_sweep_table_and_plot_read_the_budget_from_the_run_names(tmp_path):
