@@ -17,6 +17,14 @@ evaluation's test errors with the log:
 Run it with the environment the run had (``XLA_FLAGS`` decides the device
 count): the test in ``tests/test_replay.py`` does. Exit status 0 when the
 numbers agree as required, 1 otherwise.
+
+``--mapping``, ``--conv`` and ``--device_map`` replay with another setting
+than the run's (and another ``XLA_FLAGS`` with another device count): on the
+run's own CPU kind this measures what the setting alone changes, printed as
+the largest difference per logged quantity.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=3 \\
+    python -m experiments.replay --run=<run> --mapping=vmap
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ class Comparison:
     mismatches: the rows that break the rule (bitwise, or the tolerance).
     added_fields: config fields the logged config lacks (added to the code
       later), replayed at their defaults.
+    changed: settings replayed other than the run's (``mapping``, ``conv``,
+      ``device_map``), as given.
   """
 
   same_kind: bool
@@ -61,6 +71,17 @@ class Comparison:
   rows: list[tuple[int, str, Any, Any]]
   mismatches: list[tuple[int, str, Any, Any]]
   added_fields: list[str] = dataclasses.field(default_factory=list)
+  changed: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def largest_differences(self) -> dict[str, float]:
+    """Per logged quantity, the largest absolute difference between log and replay."""
+    out: dict[str, float] = {}
+    for _, key, logged, replayed in self.mismatches:
+      if replayed is None:
+        continue
+      pairs = zip(logged, replayed) if isinstance(logged, list) else [(logged, replayed)]
+      out[key] = max([out.get(key, 0.0)] + [abs(a - b) for a, b in pairs])
+    return out
 
   def summary(self) -> str:
     rule = ('bitwise (same CPU kind and packages)' if self.same_kind else
@@ -69,6 +90,10 @@ class Comparison:
     verdict = 'agree' if not self.mismatches else f'{len(self.mismatches)} differ'
     lines = [f'logged on {self.logged_kind}; replayed on {self.here_kind}',
              f'{len(self.rows)} values compared {rule}: {verdict}']
+    if self.changed:
+      lines.insert(1, 'replayed with ' + ', '.join(f'{k}={v!r}' for k, v in self.changed.items()))
+    for key, difference in self.largest_differences().items():
+      lines.append(f'  largest difference of {key}: {difference:.6g}')
     if self.added_fields:
       lines.insert(1, 'fields the logged config lacks, replayed at their defaults: ' +
                    ', '.join(self.added_fields))
@@ -123,8 +148,19 @@ def compare(logged_records, replayed_records, last_round: int, same_kind: bool):
   return rows, mismatches
 
 
-def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None) -> Comparison:
-  """Replays `run_dir` (config.json, metrics.jsonl, summary.json) to its first evaluation."""
+SETTINGS = ('mapping', 'conv', 'device_map')  # what a replay may change (see the module docstring)
+
+
+def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None,
+           changed: Optional[dict[str, str]] = None) -> Comparison:
+  """Replays `run_dir` (config.json, metrics.jsonl, summary.json) to its first evaluation.
+
+  `changed` replays with other :data:`SETTINGS` than the run's.
+  """
+  changed = dict(changed or {})
+  unknown = sorted(set(changed) - set(SETTINGS))
+  if unknown:
+    raise ValueError(f'a replay can change {list(SETTINGS)}, not {unknown}.')
   from experiments import train  # pylint: disable=g-import-not-at-top  (starts JAX)
 
   with open(os.path.join(run_dir, workdir_lib.CONFIG)) as f:
@@ -136,10 +172,14 @@ def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None) -> C
   config.compare_to_sgd, config.progress_bar = False, False
   if data_dir:
     config.data_dir = data_dir
+  started = {'mapping': summary['mapping'], 'conv': summary['conv']}
+  for field, value in changed.items():
+    if field in started:
+      started[field] = value
+    config[field] = value
   config.lock()
   with tempfile.TemporaryDirectory(dir=scratch) as workdir:
-    train.train_and_evaluate(config, workdir, stop_after_round=last_round,
-                             started={'mapping': summary['mapping'], 'conv': summary['conv']})
+    train.train_and_evaluate(config, workdir, stop_after_round=last_round, started=started)
     replayed = _records(workdir_lib.path(workdir, workdir_lib.METRICS))
     here = provenance.read(workdir)[0]
   segments = summary.get('provenance') or []
@@ -150,7 +190,7 @@ def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None) -> C
   else:
     logged_kind, same_kind = 'not recorded', False
   rows, mismatches = compare(logged, replayed, last_round, same_kind)
-  return Comparison(same_kind, logged_kind, here_kind, rows, mismatches, added)
+  return Comparison(same_kind, logged_kind, here_kind, rows, mismatches, added, changed)
 
 
 def with_defaults(logged_config: dict[str, Any]) -> tuple[ml_collections.ConfigDict, list[str]]:
@@ -170,6 +210,12 @@ def with_defaults(logged_config: dict[str, Any]) -> tuple[ml_collections.ConfigD
 
 _RUN = flags.DEFINE_string('run', None, 'A logged run: a directory under experiments/results.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'config.data_dir for the replay.')
+_MAPPING = flags.DEFINE_enum('mapping', None, ['vmap', 'sequential'],
+                             "Replay with this replica mapping instead of the run's.")
+_CONV = flags.DEFINE_enum('conv', None, ['xla', 'matmul'],
+                          "Replay with these convolutions instead of the run's.")
+_DEVICE_MAP = flags.DEFINE_enum('device_map', None, ['pmap', 'shard_map'],
+                                "Replay with this device axis instead of the run's.")
 
 
 def main(argv):
@@ -179,7 +225,10 @@ def main(argv):
     raise app.UsageError('--run is required.')
   from experiments import train  # pylint: disable=g-import-not-at-top
   train.quiet_orbax_logs()
-  comparison = replay(_RUN.value, _DATA_DIR.value)
+  changed = {field: flag.value for field, flag in
+             (('mapping', _MAPPING), ('conv', _CONV), ('device_map', _DEVICE_MAP))
+             if flag.value is not None}
+  comparison = replay(_RUN.value, _DATA_DIR.value, changed=changed)
   print(comparison.summary())
   return 1 if comparison.mismatches else 0
 

@@ -98,3 +98,17 @@ def test_a_config_logged_before_a_field_existed_replays_with_that_fields_default
   assert added == ['device_map', 'mapping']
   assert config.device_map == 'pmap' and config.mapping == 'auto' and config.L == 7
   base.validate(config)
+
+
+def test_a_replay_with_another_setting_reports_the_largest_differences():
+  comparison = replay.Comparison(
+      True, 'k', 'k', rows=[], changed={'mapping': 'vmap'},
+      mismatches=[(3, 'train/loss', 0.5, 0.5001), (6, 'train/loss', 0.4, 0.3995),
+                  (3, 'replica/test_error', [16.0, 17.0], [16.1, 16.5]),
+                  (3, 'reference/test_error', 15.0, None)])
+  largest = comparison.largest_differences()
+  assert largest == {'train/loss': pytest.approx(5e-4), 'replica/test_error': pytest.approx(0.5)}
+  text = comparison.summary()
+  assert "replayed with mapping='vmap'" in text and 'largest difference of train/loss: 0.0005' in text
+  with pytest.raises(ValueError, match=r"a replay can change \['mapping', 'conv', 'device_map'\], not \['L'\]"):
+    replay.replay('nowhere', changed={'L': 5})
