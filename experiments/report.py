@@ -299,7 +299,28 @@ def _kind_and_commit(run: Run) -> str:
     return 'not recorded'
   first = segments[0]
   commit = first['commit'] if first['commit'] == provenance.NOT_A_CHECKOUT else first['commit'][:7]
+  if first.get('code_changed'):
+    commit += f"+changes {first['code_diff']}"
   return f'{provenance.short_cpu(first)} ({commit})'
+
+
+_ROUNDS_IN_NAME = re.compile(r'_r(\d+)_seed\d+$')
+
+
+def _budget_rounds(run: Run, suite_runs: dict[str, Run]) -> int:
+  """The budget a run belongs to, in Parle rounds: from its name (``_r<rounds>``), else the
+  rounds of its suite's Parle run of the same seed, else its own."""
+  match = _ROUNDS_IN_NAME.search(run.name)
+  if match:
+    return int(match.group(1))
+  seed = _SEED.search(run.name)
+  parle = next((r for name, r in sorted(suite_runs.items()) if name.startswith('parle_') and
+                seed and name.endswith(seed.group(0))), None)
+  if parle is not None:
+    match = _ROUNDS_IN_NAME.search(parle.name)
+    if match:
+      return int(match.group(1))
+  return max(r['round'] for r in (parle or run).records)
 
 
 def cpu_kinds_table(results_dir: str) -> list[dict[str, Any]]:
@@ -307,7 +328,8 @@ def cpu_kinds_table(results_dir: str) -> list[dict[str, Any]]:
 
   Reads ``<results_dir>/cpu_kinds/<suite>/<run>`` and pairs each with
   ``<results_dir>/<suite>/<run>``; the config of the two must be equal (else
-  they are not the same run and a ValueError says so).
+  they are not the same run and a ValueError says so). ``rounds`` is the
+  budget in Parle rounds (SGD on the same total runs 3x as many of its own).
   """
   kinds_dir = os.path.join(results_dir, CPU_KINDS)
   if not os.path.isdir(kinds_dir):
@@ -327,8 +349,7 @@ def cpu_kinds_table(results_dir: str) -> list[dict[str, Any]]:
                          run.config.get(k) != rerun.config.get(k))
       if differing:
         raise ValueError(f'{suite}/{rerun.name}: the rerun\'s config differs in {differing}.')
-      last = max(r['round'] for r in run.records)
-      row = {'suite': suite, 'run': rerun.name, 'rounds': last,
+      row = {'suite': suite, 'run': rerun.name, 'rounds': _budget_rounds(run, committed),
              'kinds': (_kind_and_commit(run), _kind_and_commit(rerun))}
       for key in ('reference/test_error', 'reference/train_error'):
         if key in run.summary and key in rerun.summary:
@@ -340,7 +361,7 @@ def cpu_kinds_table(results_dir: str) -> list[dict[str, Any]]:
 
 def cpu_kinds_markdown(rows: Sequence[dict[str, Any]]) -> str:
   """The spread across CPU kinds: one row per rerun, and the largest difference per budget."""
-  lines = ['| rounds | run | committed run: CPU (commit) | test (train) error % | '
+  lines = ['| budget, rounds | run | committed run: CPU (commit) | test (train) error % | '
            'rerun: CPU (commit) | test (train) error % | difference, points |',
            '|' + '---|' * 7]
   for row in rows:
@@ -350,13 +371,19 @@ def cpu_kinds_markdown(rows: Sequence[dict[str, Any]]) -> str:
     difference = f'{test[2]:+.2f}' + (f' ({train[2]:+.2f})' if train else '')
     lines.append(f"| {row['rounds']} | {row['suite']}/{row['run']} | {row['kinds'][0]} | "
                  f"{cell(0)} | {row['kinds'][1]} | {cell(1)} | {difference} |")
+  return '\n'.join(lines + ['', cpu_kinds_summary(rows)]) + '\n'
+
+
+def cpu_kinds_summary(rows: Sequence[dict[str, Any]]) -> str:
+  """One line: the largest difference of the final test error per budget, and the kinds."""
   largest = {}
   for row in rows:
     largest[row['rounds']] = max(largest.get(row['rounds'], 0.0),
                                  abs(row['reference/test_error'][2]))
-  lines += ['', 'Largest difference of the final test error between CPU kinds: ' + ', '.join(
-      f'{value:.2f} points at {rounds} rounds' for rounds, value in sorted(largest.items())) + '.']
-  return '\n'.join(lines) + '\n'
+  kinds = sorted({re.sub(r' \(.*\)$', '', kind) for row in rows for kind in row['kinds']})
+  return ('Largest difference of the final test error between CPU kinds: ' + ', '.join(
+      f'{value:.2f} points at {rounds} rounds' for rounds, value in sorted(largest.items())) +
+      f" ({len(rows)} pairs of runs; {' and '.join([', '.join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)}).")
 
 
 def _curves(members: Sequence[Run], x_key: str, y_key: str):
@@ -448,12 +475,14 @@ def report(results_dir: str, suite: str) -> dict[str, str]:
   """Writes tables.md and the plots of a suite; returns its Markdown sections.
 
   Keys: ``''`` (the full tables, also in tables.md), ``'summary'`` and
-  ``'sweep'`` (see the module docstring). For ``suite='cpu_kinds'``, only
-  ``''``: the spread across CPU kinds, written to ``cpu_kinds/tables.md``.
+  ``'sweep'`` (see the module docstring). For ``suite='cpu_kinds'``, ``''``
+  (the spread across CPU kinds, also in ``cpu_kinds/tables.md``) and
+  ``'summary'`` (its largest differences in one line).
   """
   suite_dir = os.path.join(results_dir, suite)
   if suite == CPU_KINDS:
-    sections = {'': cpu_kinds_markdown(cpu_kinds_table(results_dir))}
+    rows = cpu_kinds_table(results_dir)
+    sections = {'': cpu_kinds_markdown(rows), 'summary': cpu_kinds_summary(rows) + '\n'}
   else:
     runs = load_suite(results_dir, suite)
     if not runs:
