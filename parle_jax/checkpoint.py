@@ -206,11 +206,13 @@ class Checkpointer:
     # orbax's own clean-up of unfinished checkpoints runs in a background thread,
     # which races with anything that patches the file system (TFDS's mock_data in
     # tests); the synchronous clean-up above does the same job.
+    # (Not orbax's read_only option: it warns twice on every opening.)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep, create=not read_only,
-            read_only=read_only, enable_async_checkpointing=False))
+            enable_async_checkpointing=False))
+    self._read_only = read_only
     # Reading goes through the handlers themselves: the manager's restore ends
     # in a barrier of all processes, which one that failed to read never reaches.
     self._state_handler = ocp.StandardCheckpointHandler()
@@ -235,14 +237,20 @@ class Checkpointer:
     """The rounds of all complete checkpoints, oldest first."""
     return sorted(self._manager.all_steps())
 
+  def _writing(self, what: str) -> None:
+    if self._read_only:
+      raise ValueError(f'{what}: the Checkpointer of {self.directory} is read-only.')
+
   def delete_after(self, round_index: int) -> None:
     """Deletes the checkpoints after `round_index` (training went back to it)."""
+    self._writing('delete_after')
     for newer in self.rounds():
       if newer > round_index:
         self._manager.delete(newer)
 
   def save(self, round_index: int, state: Any, record: dict) -> None:
     """Writes the state after `round_index` rounds and its checksums (blocking until complete)."""
+    self._writing('save')
     record = dict(record, round=round_index)
     record[CHECKSUMS] = {'algorithm': 'crc32', _STATE: state_checksums(state)}
     record[CHECKSUMS][_RECORD] = _record_checksum(record)
@@ -391,6 +399,7 @@ class Checkpointer:
     A process killed during the move leaves the checkpoint in one place or
     the other, whole: the rename is atomic.
     """
+    self._writing('move_aside')
     target = target or self._aside_path(round_index)
     if jax.process_index() == 0:
       os.makedirs(self.corrupt_directory, exist_ok=True)
