@@ -167,8 +167,11 @@ def _describe(err: BaseException) -> str:
   Orbax wraps tensorstore's error (``OUT_OF_RANGE: Error reading ...``) in one
   that prints the whole tensorstore spec.
   """
-  while (err.__cause__ or err.__context__) is not None:
+  seen = {id(err)}
+  while (err.__cause__ or err.__context__) is not None and id(
+      err.__cause__ or err.__context__) not in seen:
     err = err.__cause__ or err.__context__
+    seen.add(id(err))
   lines = str(err).strip().splitlines()
   text = lines[0] if lines else ''
   text = text if len(text) <= 240 else text[:237] + '...'
@@ -275,9 +278,9 @@ class Checkpointer:
       raise self._corrupt(round_index, f'cannot be read ({_describe(err)})') from err
     if not isinstance(record, dict):
       raise self._corrupt(round_index, f'has a record that is a {type(record).__name__}')
-    expected = record.get(CHECKSUMS, {}).get(_RECORD) if isinstance(
-        record.get(CHECKSUMS), dict) else None
-    if CHECKSUMS in record and expected != _record_checksum(record):
+    checksums = record.get(CHECKSUMS)
+    if CHECKSUMS in record and not (isinstance(checksums, dict)
+                                    and checksums.get(_RECORD) == _record_checksum(record)):
       raise self._corrupt(round_index, 'fails its checksums: its record differs from its '
                                        'checksum')
     return record
