@@ -292,3 +292,28 @@ def test_a_read_only_checkpointer_changes_nothing(tmp_path):
     reader.save(4, {'w': np.zeros(3, np.float32)}, {})
   reader.close()
   assert sorted(os.listdir(tmp_path)) == ['1', '2', '3', '4.orbax-checkpoint-tmp-123']
+
+
+def test_moved_aside_checkpoints_are_never_pruned_nor_seen_as_steps(tmp_path):
+  def save(*rounds):
+    for round_index in rounds:
+      saver.save(round_index, {'w': np.full(3, round_index, np.float32)}, {})
+
+  saver = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
+  save(1, 2)
+  assert saver.move_aside(2, 'is a test') == str(tmp_path / 'corrupt' / '2')
+  assert saver.rounds() == [1] and saver.moved_aside == [(2, str(tmp_path / 'corrupt' / '2'),
+                                                          'is a test')]
+  save(2, 3, 4)  # max_to_keep prunes the steps, never into corrupt/
+  assert saver.rounds() == [3, 4]
+  saver.move_aside(4, 'is a test')
+  save(4)
+  assert saver.move_aside(4, 'is a test') == str(tmp_path / 'corrupt' / '4.1')  # none replaced
+  saver.close()
+  assert checkpoint.Checkpointer(str(tmp_path), max_to_keep=1).rounds() == [3]
+  assert sorted(os.listdir(tmp_path / 'corrupt')) == ['2', '4', '4.1']
+  moved = checkpoint.Checkpointer(str(tmp_path / 'corrupt'), read_only=True)
+  for round_index in (2, 4):  # moved whole: they read (and verify) where they lie
+    state, _ = moved.restore({'w': np.zeros(3, np.float32)}, round_index)
+    np.testing.assert_array_equal(state['w'], [round_index] * 3)
+  moved.close()
