@@ -218,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with faults.StopSignals() as signals:
       faults.check_not_locked(workdir)  # another run writes there: touch nothing
       record = faults.check_workdir(workdir, config_json, overwrite=overwrite)  # before the data
-      experiment = Experiment(config, **(started or started_with(config, record)))  # nothing written
+      experiment = Experiment(config, **(started or started_with(config, record)))  # no writes
       if stop_after_round is not None:
         if not 0 < stop_after_round <= experiment.plan.total_rounds:
           raise ValueError(f'stop_after_round={stop_after_round} is outside the plan\'s rounds '

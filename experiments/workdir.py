@@ -48,7 +48,7 @@ def path(workdir: str, name: str) -> str:
 
 
 def lock_file(workdir: str, process_index: int) -> str:
-  """``<workdir>/lock.<process_index>``: the file that process locks while the run owns `workdir`."""
+  """``<workdir>/lock.<process_index>``: what that process locks while its run owns `workdir`."""
   return os.path.join(workdir, f'{LOCK}.{process_index}')
 
 
