@@ -25,7 +25,9 @@ import re
 from typing import Callable, Optional, TypeVar
 
 import jax
+import numpy as np
 from absl import flags, logging
+from jax.experimental import multihost_utils
 
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None,
@@ -163,6 +165,18 @@ def barrier(name: str, timeout_seconds: int = 600) -> None:
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   jax_distributed.global_state.client.wait_at_barrier(
       f'parle_{name}_{next(_barriers)}', timeout_in_ms=timeout_seconds * 1000)
+
+
+def from_all_processes(values) -> np.ndarray:
+  """`values` (a small array, the same shape everywhere) of every process: ``[processes, ...]``.
+
+  Every process must call it (a barrier, then one all-gather on the devices).
+  """
+  values = np.asarray(values)
+  if jax.process_count() == 1:
+    return values[None]
+  barrier('gather')
+  return np.asarray(multihost_utils.process_allgather(values))
 
 
 def primary_first(fn: Callable[[], _T], name: str, timeout_seconds: int = 3600) -> _T:

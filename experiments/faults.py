@@ -6,15 +6,21 @@
   interrupts at once (KeyboardInterrupt, exit :data:`EXIT_STOPPED_AT_ONCE`).
 * A NaN or Inf in a replica's loss or params (:func:`check_round`): the run
   stops with :class:`DivergenceError` (exit :data:`EXIT_DIVERGED`), naming the
-  round and the replica and keeping the last good checkpoint; or, with
+  round and the replica and keeping the last good checkpoint (the newest
+  before it that reads and verifies, see :mod:`parle_jax.checkpoint`); or, with
   ``config.on_divergence='rollback'``, restarts from that checkpoint with its
   learning rates times ``config.rollback_lr_factor``, at most
   ``config.max_rollbacks`` times.
+* A workdir that another run holds (:class:`WorkdirLock`, an ``fcntl.flock``
+  per process, released by the kernel however the run ends): refused with
+  :class:`WorkdirLockedError`, naming that run's host and PID, before
+  anything is read or written.
 * A workdir whose checkpoint (or ``config.json``) comes from another config
   (:func:`check_workdir`): refused with :class:`ConfigMismatchError`, unless
   told to overwrite; one that is a file or cannot be written, or holds a
   corrupt ``config.json``: :class:`errors.WorkdirError`. Nothing is written
-  into the workdir before the run is planned (:func:`open_workdir`).
+  into the workdir before the run is planned and holds the lock
+  (:func:`open_workdir`).
 * Bad input and a full disk (:func:`exit_code`, :mod:`experiments.errors`):
   one line naming the value or path and what to do, exit status 1.
 
@@ -24,13 +30,18 @@ all-reduced numbers, so all processes stop at the same round.
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import functools
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -70,6 +81,10 @@ class TrainingInterrupted(Exception):
 
 class ConfigMismatchError(errors.ConfigError):
   """The workdir holds a run of another config."""
+
+
+class WorkdirLockedError(errors.WorkdirError):
+  """Another run holds the workdir (its lock file is locked)."""
 
 
 # ----------------------------------------------------------------------------
@@ -245,6 +260,129 @@ def _clear_outputs(workdir: str) -> None:
     logging.warning('--overwrite: deleted %s', path)
 
 
+def _holder(path: str) -> str:
+  """Who holds the lock file `path`, as its holder wrote it: ``'host H, PID P (since T)'``."""
+  try:
+    with open(path) as f:
+      holder = json.load(f)
+    return f"host {holder['host']}, PID {holder['pid']} (since {holder['since']})"
+  except (OSError, ValueError, KeyError, TypeError):
+    return 'a run that has not written its host and PID into it yet'
+
+
+def _locked(workdir: str, path: str) -> WorkdirLockedError:
+  return WorkdirLockedError(
+      f'--workdir={workdir} is in use by another run: {_holder(path)} holds {path}. Wait for '
+      'that run to end (or stop it), or choose another --workdir.')
+
+
+def check_not_locked(workdir: str) -> None:
+  """Refuses `workdir` if another run holds one of its lock files; writes nothing.
+
+  Each lock file is opened read-only and tried with a shared lock (which only
+  a holder's exclusive lock refuses), then closed. Lock files held by this
+  process are skipped.
+  """
+  for path in workdir_lib.lock_files(workdir):
+    if path in WorkdirLock.held:
+      continue
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except OSError:
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise _locked(workdir, path) from None
+    except OSError:  # a file system without locks: WorkdirLock warns
+      pass
+    finally:
+      os.close(fd)
+
+
+class WorkdirLock:
+  """The run's exclusive hold on its workdir: each process flocks ``lock.<process index>``.
+
+  A context manager, entered before the run writes anything into the
+  workdir and left when it is done. ``fcntl.flock`` locks belong to the open
+  file, so the kernel releases them when the process ends in any way
+  (SIGKILL included): a lock file left behind blocks nothing. The file then
+  holds the holder's host and PID, which a refused run names. With several
+  processes every process locks its own file and they agree: if any finds
+  its file held, all raise :class:`WorkdirLockedError` and none keeps a lock.
+  A file system without locks (``ENOLCK``, ``EOPNOTSUPP``) gets a warning and
+  no lock.
+
+  `retry_seconds`: how long a held lock is tried again before the run is
+  refused (another run's :func:`check_not_locked` holds it for microseconds).
+  """
+
+  held: set[str] = set()  # the lock files this process holds
+
+  def __init__(self, workdir: str, *, retry_seconds: float = 2.0):
+    self.workdir = workdir
+    self.path = workdir_lib.lock_file(workdir, jax.process_index())
+    self.retry_seconds = retry_seconds
+    self._fd: Optional[int] = None
+
+  def __enter__(self) -> 'WorkdirLock':
+    try:
+      problem = self._acquire()
+    except OSError as err:  # the workdir or the lock file cannot be written: the user's to fix
+      problem = err
+    failed = distributed.from_all_processes(np.int32(problem is not None))
+    if failed.any():
+      self._release()
+      if problem is not None:
+        raise problem
+      others = ', '.join(str(p) for p in np.flatnonzero(failed))
+      raise WorkdirLockedError(
+          f'--workdir={self.workdir}: process {others} of this run could not take its lock '
+          '(its message says why: another run holds it, or it cannot be written).')
+    return self
+
+  def _acquire(self) -> Optional[WorkdirLockedError]:
+    """Locks this process's file; returns the error to raise if another run holds it."""
+    os.makedirs(self.workdir, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated before it is ours
+    deadline = time.monotonic() + self.retry_seconds
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          os.close(fd)
+          return _locked(self.workdir, self.path)
+        time.sleep(0.05)
+      except OSError as err:
+        os.close(fd)
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+          raise
+        logging.warning('cannot lock %s (%s): nothing keeps a second run out of --workdir=%s',
+                        self.path, err.strerror, self.workdir)
+        return None
+    self._fd = fd
+    WorkdirLock.held.add(self.path)
+    holder = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                         'process': jax.process_index(),
+                         'since': datetime.datetime.now().isoformat(timespec='seconds')})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (holder + '\n').encode(), 0)
+    os.fsync(fd)
+    return None
+
+  def _release(self) -> None:
+    if self._fd is not None:
+      WorkdirLock.held.discard(self.path)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)  # the file stays: deleting it would let two runs lock two files
+      self._fd = None
+
+  def __exit__(self, *exc_info) -> None:
+    self._release()
+
+
 def _check_place(workdir: str) -> None:
   """Refuses a workdir that is (or lies under) a file, or that this user cannot write."""
   existing = os.path.abspath(workdir)
@@ -283,11 +421,12 @@ def check_workdir(workdir: str, config_json: str, *, overwrite: bool = False) ->
 
   A workdir that holds a checkpoint (or, before the first checkpoint, a
   ``config.json``) of a config that differs in a field outside
-  :data:`RESUMABLE_FIELDS` is refused, unless `overwrite`.
+  :data:`RESUMABLE_FIELDS` is refused, unless `overwrite`. The checkpoints
+  are only read (a run that holds the workdir may be writing them).
 
   Returns:
-    The record of the newest checkpoint (``{}`` when there is none, or with
-    `overwrite`).
+    The record of the newest checkpoint whose record reads and verifies
+    (``{}`` when there is none, or with `overwrite`).
 
   Raises:
     ConfigMismatchError: naming the fields that differ.
@@ -300,12 +439,16 @@ def check_workdir(workdir: str, config_json: str, *, overwrite: bool = False) ->
   record, stored, source = {}, None, None
   directory = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS)
   if os.path.isdir(directory):
-    reader = checkpoint.Checkpointer(directory, max_to_keep=None)
+    reader = checkpoint.Checkpointer(directory, read_only=True)
     try:
-      if reader.latest_round() is not None:
-        record = reader.read_record()
+      for round_index in reversed(reader.rounds()):  # the newest whose record verifies
+        try:
+          record = reader.read_record(round_index)
+        except checkpoint.CorruptCheckpointError:
+          continue  # moved aside, with a warning, when the run restores
         stored = record.get('config')
-        source = f'the checkpoint after round {reader.latest_round()}'
+        source = f'the checkpoint after round {round_index}'
+        break
     finally:
       reader.close()
   config_path = workdir_lib.path(workdir, workdir_lib.CONFIG)
@@ -324,9 +467,11 @@ def open_workdir(workdir: str, config_json: str, *, keep_checkpoints: int,
                  overwrite: bool = False) -> checkpoint.Checkpointer:
   """Checks `workdir` (:func:`check_workdir`), writes its config.json, opens its checkpoints.
 
-  With `overwrite`, the previous run's outputs (:data:`WORKDIR_OUTPUTS`) are
-  deleted first and the run starts afresh. ``config.json`` is written to a
-  temporary file and renamed, so that a kill never leaves it torn.
+  The caller holds the workdir (:class:`WorkdirLock`): this is where the run
+  starts writing. With `overwrite`, the previous run's outputs
+  (:data:`WORKDIR_OUTPUTS`) are deleted first and the run starts afresh.
+  ``config.json`` is written to a temporary file and renamed, so that a kill
+  never leaves it torn.
   """
   check_workdir(workdir, config_json, overwrite=overwrite)
   distributed.barrier('workdir_checked')  # every process has read the old config.json

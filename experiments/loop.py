@@ -1,13 +1,16 @@
 """The rounds of one run: train, check, log, evaluate, checkpoint; roll back or stop.
 
 :class:`TrainingLoop` runs an :class:`experiments.train.Experiment` from its
-newest checkpoint (or from the start) to its last round. One round, in
+newest checkpoint that reads and verifies (or from the start) to its last
+round; the checkpoints that fail are moved aside with a warning, and when
+all fail the run stops (:class:`experiments.errors.WorkdirError`). One round, in
 :meth:`TrainingLoop.run`'s order:
 
 1. compile the round if needed (outside the clock; ``'auto'`` chooses there);
 2. train it (one dispatch) and time it;
 3. check it (:func:`experiments.faults.check_round`): a NaN/Inf stops the run,
-   or rolls it back to the last good checkpoint with lower learning rates;
+   or rolls it back to the last good checkpoint (the newest before it that
+   reads and verifies) with lower learning rates;
 4. log the round's loss and error; evaluate when due;
 5. checkpoint when due, or when a signal asked to stop (then stop).
 """
@@ -24,8 +27,22 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from experiments import distributed, faults, metric_writer, provenance
+from experiments import distributed, errors, faults, metric_writer, provenance
 from parle_jax import checkpoint
+
+
+def _checked(restored: Optional[checkpoint.Restored]) -> str:
+  """What a restore checked, for the log."""
+  return ('verified against its checksums' if restored is not None and restored.verified
+          else 'saved without checksums: read, not verified')
+
+
+def _moved(checkpointer: checkpoint.Checkpointer, since: int = 0) -> str:
+  """Which checkpoints were moved aside, and where to: ``'rounds 4, 2 moved to DIR'``."""
+  moved = checkpointer.moved_aside[since:]
+  rounds = ', '.join(str(round_index) for round_index, _, _ in moved)
+  return (f"round{'s' * (len(moved) > 1)} {rounds} moved to {checkpointer.corrupt_directory}"
+          if moved else 'none was moved aside')
 
 
 def progress(plan, rounds_done: int, train_seconds: float) -> dict[str, Any]:
@@ -38,17 +55,17 @@ def progress(plan, rounds_done: int, train_seconds: float) -> dict[str, Any]:
   }
 
 
-def last_good_round(checkpointer: checkpoint.Checkpointer, report: faults.RoundReport,
-                    diverged_round: int) -> Optional[int]:
-  """The newest checkpoint before `diverged_round` that is not known to be bad.
+def rollback_candidates(checkpointer: checkpoint.Checkpointer, report: faults.RoundReport,
+                        diverged_round: int) -> list[int]:
+  """The checkpoints before `diverged_round` that are not known to be bad, oldest first.
 
   A checkpoint right before the round whose very first loss is NaN/Inf holds
   params that give that loss (finite, but blown up): going back to it would
-  diverge again at once, whatever the learning rates, so it is skipped.
+  diverge again at once, whatever the learning rates, so it is skipped. The
+  newest of the others that reads and verifies is the last good one.
   """
   poisoned = diverged_round - 1 if (report.bad_loss_step == 0).any() else None
-  rounds = [r for r in checkpointer.rounds() if r < diverged_round and r != poisoned]
-  return rounds[-1] if rounds else None
+  return [r for r in checkpointer.rounds() if r < diverged_round and r != poisoned]
 
 
 class TrainingLoop:
@@ -67,26 +84,41 @@ class TrainingLoop:
     self.config, self.plan = experiment.config, experiment.plan
     self.config_record = json.loads(config_json)
     self.signals = signals
-    self._restore()
+    saved = checkpointer.rounds()
+    restored = self._restore(saved)  # verified before anything trains
+    if saved and restored is None:
+      raise errors.WorkdirError(
+          f'no checkpoint in {checkpointer.directory} reads and verifies: '
+          + _moved(checkpointer) + ' (the warnings above say why). Running the same command '
+          'again starts afresh from round 0; to retry one, move it back.')
     self.lr_scale = self.record.get('learning_rate_scale', 1.0)
     if self.lr_scale != 1.0:
       experiment.scale_learning_rates(self.lr_scale)
     if self.rounds_done:
-      logging.info('Resumed from the checkpoint after round %d in %s (learning rates x%g)',
-                   self.rounds_done, workdir, self.lr_scale)
+      logging.info('Resumed from the checkpoint after round %d in %s (%s; learning rates x%g)',
+                   self.rounds_done, workdir, _checked(restored), self.lr_scale)
     self.train_seconds = self.record.get('train_seconds', 0.0)
     self.rollbacks = self.record.get('rollbacks', 0)
     self.results: dict[str, Any] = {}
     self._compiled = False
 
-  def _restore(self, round_index: Any = 'newest') -> None:
-    """The state and record of a checkpoint (the newest by default), or, for None, the start."""
+  def _restore(self, rounds: list[int]) -> Optional[checkpoint.Restored]:
+    """The newest of `rounds` that reads and verifies, or, if none does, the start.
+
+    The checkpoints that fail are moved aside (one warning each); every
+    process ends at the same round (:meth:`checkpoint.Checkpointer.restore_intact`).
+    """
     state = self.experiment.replicas.to_global(self.experiment.init_state())  # orbax's target
-    if round_index == 'newest':
-      round_index = self.checkpointer.latest_round()
-    self.state, self.record = (state, {'round': 0}) if round_index is None else (
-        self.checkpointer.restore(state, round_index))
+    try:
+      restored = self.checkpointer.restore_intact(state, rounds) if rounds else None
+    except checkpoint.CheckpointMismatchError as err:
+      raise errors.WorkdirError(
+          f'{err} Resume it with the devices and config it was saved with, or start afresh '
+          '(--overwrite or another --workdir).') from err
+    self.state, self.record = (state, {'round': 0}) if restored is None else (
+        restored.state, restored.record)
     self.rounds_done = self.record['round']
+    return restored
 
   def run(self) -> tuple[Any, dict[str, Any], float]:
     """Trains to the plan's last round; returns (state, last evaluation, training seconds)."""
@@ -151,14 +183,17 @@ class TrainingLoop:
   def _roll_back_or_stop(self, problem: str, report: faults.RoundReport) -> None:
     """Goes back to the last good checkpoint with lower learning rates, or raises."""
     config = self.config
-    good = last_good_round(self.checkpointer, report, self.rounds_done)
+    diverged = self.rounds_done
+    moved_before = len(self.checkpointer.moved_aside)
+    # Read back and verified, so that it is named good (or rolled back to) only if it is.
+    restored = self._restore(rollback_candidates(self.checkpointer, report, diverged))
+    good = restored.round_index if restored is not None else None
     if config.on_divergence == 'rollback' and self.rollbacks < config.max_rollbacks:
       self.rollbacks += 1
       self.lr_scale *= config.rollback_lr_factor
       logging.warning('%s; rolling back to round %d with the learning rates x%g (rollback %d '
                       'of at most %d)', problem, good or 0, self.lr_scale, self.rollbacks,
                       config.max_rollbacks)
-      self._restore(good)  # None: from the start
       self.checkpointer.delete_after(self.rounds_done)  # they lead to the divergence
       self.experiment.scale_learning_rates(self.lr_scale)
       self.writer.rewind(self.rounds_done)
@@ -168,8 +203,17 @@ class TrainingLoop:
       self.bar.update(self.rounds_done)
       self._compiled = False
       return
-    kept = (f'the last good checkpoint (after round {good}) in {self.checkpointer.directory} '
-            'is kept' if good is not None else 'there is no good checkpoint yet')
+    directory = self.checkpointer.directory
+    if restored is not None and restored.verified:
+      kept = f'the last good checkpoint (after round {good}) in {directory} is kept'
+    elif restored is not None:
+      kept = (f'the last checkpoint that reads (after round {good}) in {directory} is kept '
+              '(saved without checksums: not verified)')
+    elif len(self.checkpointer.moved_aside) > moved_before:
+      kept = (f'no checkpoint before round {diverged} reads and verifies: '
+              + _moved(self.checkpointer, since=moved_before))
+    else:
+      kept = 'there is no good checkpoint yet'
     afresh = ('lower config.learning_rate / config.inner_learning_rate and start afresh '
               '(--overwrite or another --workdir)')
     if config.on_divergence == 'rollback':

@@ -88,6 +88,9 @@ class Comparison:
             f"within loss {TOLERANCES['loss']}, errors {TOLERANCES['error']} points "
             '(another CPU kind: float rounding differs)')
     verdict = 'agree' if not self.mismatches else f'{len(self.mismatches)} differ'
+    if not self.same_kind:
+      equal = sum(logged == replayed for _, _, logged, replayed in self.rows)
+      verdict += f' ({equal} of {len(self.rows)} bitwise equal)'
     lines = [f'logged on {self.logged_kind}; replayed on {self.here_kind}',
              f'{len(self.rows)} values compared {rule}: {verdict}']
     if self.changed:

@@ -7,8 +7,11 @@
 The workdir receives ``config.json``, ``metrics.jsonl``, TensorBoard events
 (``tensorboard/``), orbax checkpoints (``checkpoints/``) and the reference model
 (``reference/``). Running again with the same workdir resumes from the newest
-checkpoint and ends with the same numbers as an uninterrupted run; a workdir
-holding a run of another config is refused unless ``--overwrite`` is given.
+checkpoint that reads and verifies (one that does not is moved to
+``checkpoints/corrupt/``, with a warning) and ends with the same numbers as an
+uninterrupted run; a workdir holding a run of another config is refused unless
+``--overwrite`` is given, and one that another run holds (its ``lock.<process>``
+files) is refused in any case.
 
 Several processes (hosts) run one job with ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` (see :mod:`experiments.distributed`).
@@ -25,6 +28,7 @@ died (JAX may instead abort the process, status 134, when its heartbeats stop).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging as std_logging
@@ -197,7 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       another config and not `overwrite`. Nothing is written into `workdir`
       until the run is planned.
     errors.WorkdirError: `workdir` is a file, cannot be written, or holds a
-      corrupt ``config.json``.
+      corrupt ``config.json``; no checkpoint in it reads and verifies (those
+      that fail are moved to ``checkpoints/corrupt/``); or another run holds
+      it (:class:`faults.WorkdirLockedError`, before anything is read or
+      written: a run holds its workdir from before its first write to its end).
     DivergenceError: when a replica's loss or params become NaN/Inf (with
       ``config.on_divergence='rollback'``: again after ``config.max_rollbacks``
       rollbacks); the last good checkpoint is kept.
@@ -207,21 +214,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with errors.config_errors():
     base.validate(config)
   config_json = config.to_json_best_effort(sort_keys=True)
-  with faults.StopSignals() as signals:
-    record = faults.check_workdir(workdir, config_json, overwrite=overwrite)  # before the data
-    experiment = Experiment(config, **(started or started_with(config, record)))  # nothing written
-    if stop_after_round is not None:
-      if not 0 < stop_after_round <= experiment.plan.total_rounds:
-        raise ValueError(f'stop_after_round={stop_after_round} is outside the plan\'s rounds '
-                         f'1..{experiment.plan.total_rounds}.')
-      experiment.plan = dataclasses.replace(experiment.plan, total_rounds=stop_after_round)
-    checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,
-                                       keep_checkpoints=config.keep_checkpoints)
-    try:
-      state, results, train_seconds = loop.TrainingLoop(experiment, workdir, config_json,
-                                                        checkpointer, signals).run()
-    finally:
-      checkpointer.close()
+  with contextlib.ExitStack() as holding:
+    with faults.StopSignals() as signals:
+      faults.check_not_locked(workdir)  # another run writes there: touch nothing
+      record = faults.check_workdir(workdir, config_json, overwrite=overwrite)  # before the data
+      experiment = Experiment(config, **(started or started_with(config, record)))  # no writes
+      if stop_after_round is not None:
+        if not 0 < stop_after_round <= experiment.plan.total_rounds:
+          raise ValueError(f'stop_after_round={stop_after_round} is outside the plan\'s rounds '
+                           f'1..{experiment.plan.total_rounds}.')
+        experiment.plan = dataclasses.replace(experiment.plan, total_rounds=stop_after_round)
+      holding.enter_context(faults.WorkdirLock(workdir))  # held until the end, before any write
+      checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,
+                                         keep_checkpoints=config.keep_checkpoints)
+      try:
+        state, results, train_seconds = loop.TrainingLoop(experiment, workdir, config_json,
+                                                          checkpointer, signals).run()
+      finally:
+        checkpointer.close()
+    return _finish(config, experiment, state, results, train_seconds, workdir)
+
+
+def _finish(config, experiment, state, results, train_seconds, workdir) -> dict[str, Any]:
+  """Saves the reference model, prints the result and trains the SGD baselines if asked."""
   plan = experiment.plan
   variables = experiment.reference_variables(state)  # one all-reduce: on every process
   checkpoint.save_variables(workdir_lib.path(workdir, workdir_lib.REFERENCE), variables)

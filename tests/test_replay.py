@@ -110,5 +110,10 @@ def test_a_replay_with_another_setting_reports_the_largest_differences():
   assert largest == {'train/loss': pytest.approx(5e-4), 'replica/test_error': pytest.approx(0.5)}
   text = comparison.summary()
   assert "replayed with mapping='vmap'" in text and 'largest difference of train/loss: 0.0005' in text
+  other_kind = replay.Comparison(False, 'a', 'b', rows=[(3, 'train/loss', 0.5, 0.5),
+                                                        (3, 'train/error', 20.0, 20.5)],
+                                 mismatches=[])
+  assert '2 values compared within loss 0.05, errors 3.0 points' in other_kind.summary()
+  assert ': agree (1 of 2 bitwise equal)' in other_kind.summary()
   with pytest.raises(ValueError, match=r"a replay can change \['mapping', 'conv', 'device_map'\], not \['L'\]"):
     replay.replay('nowhere', changed={'L': 5})

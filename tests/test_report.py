@@ -250,6 +250,9 @@ def test_cpu_kinds_pairs_each_rerun_with_the_committed_run_of_its_name(tmp_path)
   assert report.report(str(results), 'cpu_kinds')['summary'] == summary + '\n'
   assert (results / 'cpu_kinds' / 'tables.md').read_text() == text
   with open(results / 'cpu_kinds' / 'sweep' / 'sgd_n1_seed0' / 'config.json', 'w') as f:
+    json.dump({'batch_size': 128, 'data_fraction': 1.0, 'optimizer': 'sgd', 'added': 1}, f)
+  assert len(report.cpu_kinds_table(str(results))) == 2  # a field added later: not a difference
+  with open(results / 'cpu_kinds' / 'sweep' / 'sgd_n1_seed0' / 'config.json', 'w') as f:
     json.dump({'batch_size': 64, 'data_fraction': 1.0, 'optimizer': 'sgd'}, f)
   with pytest.raises(ValueError, match=r"sgd_n1_seed0: the rerun's config differs in \['batch_size'\]"):
     report.cpu_kinds_table(str(results))
