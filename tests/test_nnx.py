@@ -8,6 +8,7 @@ an uninterrupted one; the per-step nnx.Optimizer route under jax.pmap matches
 the fused round; the saved reference loads into the NNX module.
 """
 
+import functools
 import pathlib
 import re
 
@@ -44,12 +45,22 @@ def nnx_split(dropout=0.25, same_init=False):
       lambda rngs: parle_nnx.LeNet(dropout=dropout, rngs=rngs), N, seed=0, same_init=same_init)
 
 
-def run_rounds(loss_fn, params, model_state, batches, devices=1):
-  """Fused Parle rounds from the given [N, ...] variables; returns (state, metrics, replicas)."""
+@functools.lru_cache(maxsize=None)
+def round_for(kind, dropout=0.25, devices=1):
+  """(replicas, parts, round_fn) of the 'linen' or 'nnx' LeNet, compiled once per test module."""
   replicas = parle_jax.Replicas(N, devices=jax.devices()[:devices], mapping='vmap')
   parts = parle_jax.parle_parts(0.1, L=L, axis_name=replicas.axis_name, **PARLE)
+  if kind == 'linen':
+    loss_fn = training.classification_loss(models.LeNet(dropout=dropout))
+  else:
+    loss_fn = parle_nnx.classification_loss(nnx_split(dropout), train=True)
+  return replicas, parts, parle_jax.parts_round(loss_fn, parts, replicas)
+
+
+def run_rounds(kind, params, model_state, batches, dropout=0.25, devices=1):
+  """Fused Parle rounds from the given [N, ...] variables; returns (state, metrics, replicas)."""
+  replicas, parts, round_fn = round_for(kind, dropout, devices)
   state = parle_jax.init_replicas(replicas, parts.inner, params, model_state, seed=7)
-  round_fn = parle_jax.parts_round(loss_fn, parts, replicas)
   metrics = []
   for batch in batches:
     state, m = round_fn(state, batch)
@@ -70,10 +81,8 @@ def test_fused_round_matches_linen_with_dropout_and_batch_norm(linen_variables):
   assert jax.tree.structure(split.model_state) == jax.tree.structure(dict(model_state))
   chex.assert_trees_all_equal_shapes(split.params, params)
   batches = make_batches(2)
-  linen_state, linen_metrics, replicas = run_rounds(
-      training.classification_loss(models.LeNet()), params, dict(model_state), batches)
-  nnx_state, nnx_metrics, _ = run_rounds(
-      parle_nnx.classification_loss(split, train=True), params, dict(model_state), batches)
+  linen_state, linen_metrics, replicas = run_rounds('linen', params, dict(model_state), batches)
+  nnx_state, nnx_metrics, _ = run_rounds('nnx', params, dict(model_state), batches)
   for got, want in zip(nnx_metrics, linen_metrics):
     assert sorted(got) == sorted(want) == ['error', 'loss']
     np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5)
@@ -84,25 +93,21 @@ def test_fused_round_matches_linen_with_dropout_and_batch_norm(linen_variables):
   # The rounds moved the weights, and dropout was on (rate 0 gives other losses).
   assert not np.allclose(replicas.unshard(nnx_state.params)['Dense_1']['kernel'],
                          params['Dense_1']['kernel'])
-  _, no_dropout, _ = run_rounds(
-      parle_nnx.classification_loss(nnx_split(dropout=0.0), train=True), params,
-      dict(model_state), batches[:1])
+  _, no_dropout, _ = run_rounds('nnx', params, dict(model_state), batches[:1], dropout=0.0)
   assert np.abs(no_dropout[0]['loss'] - nnx_metrics[0]['loss']).max() > 1e-3
 
 
 def test_dropout_repeats_bitwise_and_differs_across_replicas():
   split = nnx_split(same_init=True)  # equal replicas on equal batches: only dropout differs
   batches = make_batches(1, same_for_all=True)
-  loss_fn = parle_nnx.classification_loss(split, train=True)
-  runs = [run_rounds(loss_fn, split.params, split.model_state, batches) for _ in range(2)]
+  runs = [run_rounds('nnx', split.params, split.model_state, batches) for _ in range(2)]
   (state_a, metrics_a, replicas), (state_b, metrics_b, _) = runs
   chex.assert_trees_all_equal(replicas.unshard(state_a), replicas.unshard(state_b))
   chex.assert_trees_all_equal(metrics_a, metrics_b)
   losses = metrics_a[0]['loss']  # [N, L]
   assert len({float(x) for x in losses[:, 0]}) == N, losses
   # Without dropout the replicas' first steps agree.
-  _, plain, _ = run_rounds(parle_nnx.classification_loss(nnx_split(0.0, True), train=True),
-                           split.params, split.model_state, batches)
+  _, plain, _ = run_rounds('nnx', split.params, split.model_state, batches, dropout=0.0)
   assert len({float(x) for x in plain[0]['loss'][:, 0]}) == 1
 
 
@@ -130,17 +135,15 @@ def test_module_rng_streams_are_reseeded_from_the_round_rng_not_carried():
 
 def test_resumed_through_checkpointer_equals_uninterrupted(tmp_path):
   split = nnx_split()
-  loss_fn = parle_nnx.classification_loss(split, train=True)
   batches = make_batches(2, seed=1)
-  whole, whole_metrics, replicas = run_rounds(loss_fn, split.params, split.model_state, batches)
-  first, _, _ = run_rounds(loss_fn, split.params, split.model_state, batches[:1])
+  whole, whole_metrics, replicas = run_rounds('nnx', split.params, split.model_state, batches)
+  first, _, _ = run_rounds('nnx', split.params, split.model_state, batches[:1])
   checkpointer = checkpoint.Checkpointer(str(tmp_path / 'ckpt'))
   checkpointer.save(1, first, {'note': 'after one round'})
   restored, record = checkpointer.restore(first)
   checkpointer.close()
   assert record['round'] == 1
-  parts = parle_jax.parle_parts(0.1, L=L, axis_name=replicas.axis_name, **PARLE)
-  resumed, metrics = parle_jax.parts_round(loss_fn, parts, replicas)(restored, batches[1])
+  resumed, metrics = round_for('nnx')[2](restored, batches[1])  # the round, called again
   chex.assert_trees_all_equal(replicas.unshard(resumed), replicas.unshard(whole))
   np.testing.assert_array_equal(replicas.unshard(metrics)['loss'], whole_metrics[1]['loss'])
 
@@ -149,9 +152,8 @@ def test_per_step_nnx_optimizer_under_pmap_matches_fused_round():
   """nnx.Optimizer with parle_jax.parle, one replica per device: the fused round's numbers."""
   split = nnx_split()
   batches = make_batches(2, seed=2)
-  fused, fused_metrics, replicas = run_rounds(
-      parle_nnx.classification_loss(split, train=True), split.params, split.model_state,
-      batches, devices=N)
+  fused, fused_metrics, replicas = run_rounds('nnx', split.params, split.model_state, batches,
+                                              devices=N)
   tx = parle_jax.parle(0.1, L=L, axis_name='replica', **PARLE)
 
   def build(params, model_state):
@@ -209,8 +211,7 @@ def test_saved_linen_reference_loads_into_nnx_lenet(tmp_path, linen_variables):
 
 def test_reference_and_replica_modules():
   split = nnx_split()
-  state, _, replicas = run_rounds(parle_nnx.classification_loss(split, train=True),
-                                  split.params, split.model_state, make_batches(1))
+  state, _, replicas = run_rounds('nnx', split.params, split.model_state, make_batches(1))
   mean = jax.tree.map(lambda x: x.mean(0), replicas.unshard(state.params))
   reference = parle_nnx.to_variables(parle_nnx.reference(split, replicas, state))
   chex.assert_trees_all_close(reference['params'], mean, rtol=1e-6)
