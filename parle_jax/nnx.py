@@ -20,6 +20,8 @@ back together:
   it and splits the updated ``model_state`` back out.
 * :func:`merge`, :func:`replica` and :func:`reference` give an NNX module
   again: any replica, or the reference (the mean of the replicas' params).
+* :class:`LeNet` is the Linen :class:`parle_jax.models.LeNet` as an
+  ``nnx.Module``; :func:`conv_fn` plugs :mod:`parle_jax.conv` into ``nnx.Conv``.
 * :func:`to_variables` / :func:`load_variables` convert to and from Linen-style
   ``{'params': ..., 'batch_stats': ...}`` variables, the format of
   :func:`parle_jax.checkpoint.save_variables` and of the saved reference.
@@ -104,6 +106,8 @@ from parle_jax import conv as conv_lib
 from parle_jax import models
 from parle_jax import replicas as replicas_lib
 from parle_jax import rounds
+
+_BN_MOMENTUM, _BN_EPSILON = models._BN_MOMENTUM, models._BN_EPSILON  # pylint: disable=protected-access
 
 # apply_fn(module, batch, rng) -> (loss, metrics), for one replica's merged module.
 ApplyFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
@@ -364,21 +368,25 @@ def _linen_dropout_key(rng: jax.Array, name: str) -> jax.Array:
   return linen_scope.LazyRng.create(rng, name, 1).as_jax_rng()
 
 
-def _nnx_conv_fn(conv: str) -> Callable[..., jax.Array]:
-  """The convolution of `conv` (:mod:`parle_jax.conv`) as ``nnx.Conv`` calls it.
+def conv_fn(conv: str = 'auto') -> Callable[..., jax.Array]:
+  """The convolution `conv` of :mod:`parle_jax.conv`, for ``nnx.Conv(conv_general_dilated=...)``.
+
+  ``'auto'`` is the matmul over patches on CPU (fast inside the rounds'
+  ``lax.scan``) and XLA's convolution elsewhere; the results agree to rounding.
 
   ``nnx.Conv`` also passes ``out_sharding``, which only ``lax`` takes; the
   matmul convolution gets it only when it is None (unsharded activations).
   """
-  conv_fn = conv_lib.conv_general_dilated_fn(conv)
-  if conv_fn is jax.lax.conv_general_dilated:
-    return conv_fn
+  conv_lib_fn = conv_lib.conv_general_dilated_fn(checks.choice(
+      'conv', conv, conv_lib.CONV_IMPLEMENTATIONS))
+  if conv_lib_fn is jax.lax.conv_general_dilated:
+    return conv_lib_fn
 
   def matmul_conv(*args, out_sharding=None, **kwargs):
     if out_sharding is not None:
       raise ValueError("conv='matmul' runs on unsharded activations; use conv='xla' with "
                        f'out_sharding={out_sharding!r}.')
-    return conv_fn(*args, **kwargs)
+    return conv_lib_fn(*args, **kwargs)
 
   return matmul_conv
 
@@ -408,17 +416,16 @@ class LeNet(nnx.Module):
     checks.fraction('dropout', dropout)
     checks.choice('conv', conv, conv_lib.CONV_IMPLEMENTATIONS)
     height, width, channels = image_shape
-    conv_fn = _nnx_conv_fn(conv)
+    convolution = conv_fn(conv)
 
-    def batch_norm(features):
-      return nnx.BatchNorm(features, momentum=models._BN_MOMENTUM,  # pylint: disable=protected-access
-                           epsilon=models._BN_EPSILON, rngs=rngs)  # pylint: disable=protected-access
+    def batch_norm(features):  # PyTorch's momentum and epsilon, as the Linen LeNet's
+      return nnx.BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, rngs=rngs)
 
     self.Conv_0 = nnx.Conv(channels, 20, (5, 5), padding='VALID',  # pylint: disable=invalid-name
-                           conv_general_dilated=conv_fn, rngs=rngs)
+                           conv_general_dilated=convolution, rngs=rngs)
     self.BatchNorm_0 = batch_norm(20)  # pylint: disable=invalid-name
     self.Conv_1 = nnx.Conv(20, 50, (5, 5), padding='VALID',  # pylint: disable=invalid-name
-                           conv_general_dilated=conv_fn, rngs=rngs)
+                           conv_general_dilated=convolution, rngs=rngs)
     self.BatchNorm_1 = batch_norm(50)  # pylint: disable=invalid-name
     height, width = ((height - 4) // 3 - 4) // 2, ((width - 4) // 3 - 4) // 2
     self.Dense_0 = nnx.Linear(height * width * 50, 500, rngs=rngs)  # pylint: disable=invalid-name
