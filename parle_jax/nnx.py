@@ -107,7 +107,9 @@ from parle_jax import models
 from parle_jax import replicas as replicas_lib
 from parle_jax import rounds
 
-_BN_MOMENTUM, _BN_EPSILON = models._BN_MOMENTUM, models._BN_EPSILON  # pylint: disable=protected-access
+# Linen LeNet's batch norm (PyTorch's defaults), shared with the NNX LeNet.
+_BN_MOMENTUM = models._BN_MOMENTUM  # pylint: disable=protected-access
+_BN_EPSILON = models._BN_EPSILON  # pylint: disable=protected-access
 
 # apply_fn(module, batch, rng) -> (loss, metrics), for one replica's merged module.
 ApplyFn = Callable[[nnx.Module, Any, jax.Array], tuple[jax.Array, dict]]
