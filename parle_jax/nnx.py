@@ -130,12 +130,21 @@ class Split(NamedTuple):
     rng_state: the module's ``nnx.RngState`` (RNG keys and counters) of one
       replica, as an ``nnx.State``: only a template for merging, reseeded
       from the round's ``rng`` every step, never trained, averaged or saved.
+    num_replicas: the length of the leading replica axis of `params` and
+      `model_state`; None for one module without that axis (:func:`split`).
   """
 
   graphdef: Any
   params: Any
   model_state: Any
   rng_state: Any
+  num_replicas: Optional[int] = None
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """The shape of every leaf of `tree`, by its key path (``jax.tree_util.keystr``)."""
+  return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _collection_name(variable_type: type) -> str:
@@ -200,7 +209,8 @@ def init_replica_variables(factory: Callable[[nnx.Rngs], nnx.Module], num_replic
     keys = jnp.broadcast_to(keys[:1], keys.shape)
   stacked = nnx.vmap(lambda key: factory(nnx.Rngs(key)), in_axes=0, out_axes=0)(keys)
   parts = _partition(stacked)
-  return parts._replace(rng_state=jax.tree.map(lambda x: x[0], parts.rng_state))
+  return parts._replace(rng_state=jax.tree.map(lambda x: x[0], parts.rng_state),
+                        num_replicas=int(num_replicas))
 
 
 def _rng_streams(rng_state: Any) -> list[str]:
@@ -210,20 +220,31 @@ def _rng_streams(rng_state: Any) -> list[str]:
 
 
 def merge(split_: Split, params: Any = None, model_state: Any = None) -> nnx.Module:
-  """The NNX module of `params` and `model_state` (default: ``split_``'s own), unstacked.
+  """The NNX module of one replica's `params` and `model_state` (``nnx.merge``).
+
+  They default to ``split_``'s own, for a :class:`Split` of one module (from
+  :func:`split`); with stacked replicas take one with :func:`replica`.
 
   Raises:
-    ValueError: the params' leaves have another shape than the module's (e.g.
-      a leading replica axis: take one replica with :func:`replica`).
+    ValueError: the trees' keys or shapes are not one replica's of ``split_``.
   """
-  params = split_.params if params is None else params
-  model_state = split_.model_state if model_state is None else model_state
-  try:
-    return nnx.merge(split_.graphdef, params, split_.rng_state, *model_state.values())
-  except (ValueError, KeyError, TypeError) as err:
-    raise ValueError(f'cannot merge these params and model_state into the module '
-                     f'({type(err).__name__}: {err}); they must be one replica\'s trees, '
-                     'with the keys of the split.') from err
+  if params is None or model_state is None:
+    if split_.num_replicas is not None:
+      raise ValueError(f'this Split holds {split_.num_replicas} stacked replicas; pass one '
+                       "replica's params and model_state, or use parle_jax.nnx.replica.")
+    params = split_.params if params is None else params
+    model_state = split_.model_state if model_state is None else model_state
+  lead = 0 if split_.num_replicas is None else 1
+  for name, given, own in (('params', params, split_.params),
+                           ('model_state', model_state, split_.model_state)):
+    want = {path: shape[lead:] for path, shape in _shapes(own).items()}
+    have = _shapes(given)
+    for path in sorted(set(want) | set(have)):
+      if want.get(path) != have.get(path):
+        raise ValueError(f"`{name}{path}` is {have.get(path, 'missing')} here, "
+                         f"{want.get(path, 'missing')} in one replica of the split module "
+                         '(a stacked tree, or another model\'s?).')
+  return nnx.merge(split_.graphdef, params, split_.rng_state, *model_state.values())
 
 
 def make_loss(split_: Split, apply_fn: ApplyFn, *, train: bool = True) -> rounds.LossFn:
@@ -311,11 +332,6 @@ def to_variables(module: nnx.Module) -> dict[str, Any]:
   _check_module(module, '`module`')
   parts = _partition(module)
   return {'params': parts.params, **parts.model_state}
-
-
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def load_variables(module: nnx.Module, variables: Any) -> nnx.Module:
