@@ -176,6 +176,12 @@ def _check_module(module: Any, what: str) -> None:
         'averages nnx.Param state, so declare the trainable weights as nnx.Param.')
 
 
+def _check_split(split_: Any) -> None:
+  if not isinstance(split_, Split):
+    raise ValueError('`split_` must be a parle_jax.nnx.Split (from split or '
+                     f'init_replica_variables), got {type(split_).__name__}.')
+
+
 def split(module: nnx.Module) -> Split:
   """Takes one NNX module apart (no replica axis): see :class:`Split`.
 
@@ -228,6 +234,7 @@ def merge(split_: Split, params: Any = None, model_state: Any = None) -> nnx.Mod
   Raises:
     ValueError: the trees' keys or shapes are not one replica's of ``split_``.
   """
+  _check_split(split_)
   if params is None or model_state is None:
     if split_.num_replicas is not None:
       raise ValueError(f'this Split holds {split_.num_replicas} stacked replicas; pass one '
@@ -257,6 +264,7 @@ def make_loss(split_: Split, apply_fn: ApplyFn, *, train: bool = True) -> rounds
   statistics, per replica). `apply_fn` should pass `rng` to a module that
   takes its dropout key at call time.
   """
+  _check_split(split_)
   if not callable(apply_fn):
     raise ValueError(f'`apply_fn` must be a callable (module, batch, rng) -> (loss, metrics), '
                      f'got {apply_fn!r}.')
@@ -316,6 +324,10 @@ def reference(split_: Split, replicas: replicas_lib.Replicas, state: rounds.Repl
   statistics are not averaged; recompute them on training batches for the
   best evaluation, as the Linen path does.
   """
+  checks.integer('model_state_of', model_state_of, minimum=0)
+  if model_state_of >= replicas.num_replicas:
+    raise ValueError(f'`model_state_of` must be below num_replicas={replicas.num_replicas}, '
+                     f'got {model_state_of}.')
   params = replicas.reference(state.params)
   model_state = jax.tree.map(lambda x: jnp.asarray(x[model_state_of]),
                              replicas.gather(state.model_state))

@@ -216,6 +216,10 @@ def test_saved_linen_reference_loads_into_nnx_lenet(tmp_path, linen_variables):
 
 def test_reference_and_replica_modules():
   split = nnx_split()
+  kernels = split.params['Dense_1']['kernel']  # [N, 500, 10]: one seed per replica
+  assert all(not np.allclose(kernels[i], kernels[j]) for i in range(N) for j in range(i))
+  same = nnx_split(same_init=True).params['Dense_1']['kernel']
+  np.testing.assert_array_equal(same, np.broadcast_to(same[:1], same.shape))
   state, _, replicas = run_rounds('nnx', split.params, split.model_state, make_batches(1))
   mean = jax.tree.map(lambda x: x.mean(0), replicas.unshard(state.params))
   reference = parle_nnx.to_variables(parle_nnx.reference(split, replicas, state))
@@ -251,6 +255,8 @@ def test_bad_input_gets_one_clear_value_error():
   with pytest.raises(ValueError, match=r"`params\['BatchNorm_0'\]\['bias'\]` is \(3, 20\) here, "
                                        r'\(20,\) in one replica'):
     parle_nnx.merge(stacked, stacked.params, jax.tree.map(lambda x: x[0], stacked.model_state))
+  with pytest.raises(ValueError, match='`split_` must be a parle_jax.nnx.Split'):
+    parle_nnx.classification_loss(model)
   with pytest.raises(ValueError, match='`dropout` must be in'):
     parle_nnx.LeNet(dropout=1.0, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='needs a key: call it with rngs=key'):
