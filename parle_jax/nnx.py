@@ -63,6 +63,11 @@ all-reduce runs once every ``L`` steps (``tests/test_nnx.py`` runs it)::
 
   step = jax.pmap(step, axis_name='replica')    # state: leading axis = devices
 
+Here ``graphdef`` is ``nnx.split((model, optimizer))[0]`` of one replica, and
+the replicas' state comes from a ``jax.pmap`` of a function that merges each
+replica's ``params`` and ``model_state`` (:func:`merge`), wraps the model in
+``nnx.Optimizer`` and returns ``nnx.state((model, optimizer))``.
+
 Several replicas on one device need a ``vmap`` over them, and under ``vmap``
 the per-replica round counter turns that ``lax.cond`` into a select that runs
 the all-reduce every step; use the fused round there
