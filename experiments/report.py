@@ -192,21 +192,44 @@ def provenance_line(runs: Sequence[Run]) -> str:
       [r.summary.get('provenance') or [] for r in runs]) + '.'
 
 
+def _train_error(row: dict[str, Any]) -> str:
+  return _format(*row['reference_train_error']) if 'reference_train_error' in row else '-'
+
+
+# The accuracy table's columns: (header, cell of an accuracy_table row).
+FULL_COLUMNS = (
+    ('run', lambda r: r['run']), ('replicas', lambda r: str(r['replicas'])),
+    ('data per replica', lambda r: f"{100 * r['data_fraction']:.0f}%"),
+    ('seeds', lambda r: str(r['seeds'])),
+    ('reference test error %', lambda r: _format(*r['reference_test_error'])),
+    ('reference train error %', _train_error),
+    ('mean replica test error %', lambda r: _format(*r['replica_test_error'])),
+    ('ensemble test error %', lambda r: _format(*r['ensemble_test_error'])),
+    ('mini-batch gradients', lambda r: str(r['gradient_evaluations'])),
+    ('effective epochs', lambda r: f"{r['effective_epochs']:.2f}"),
+    ('training s', lambda r: _format(*r['train_seconds'], digits=0)),
+    ('load', lambda r: f"{r['load_average']:.1f}"), ('machine', lambda r: r['machine']))
+SUMMARY_COLUMNS = (  # the README's short table
+    ('run', lambda r: r['run']), ('replicas', lambda r: str(r['replicas'])),
+    ('seeds', lambda r: str(r['seeds'])),
+    ('test error %', lambda r: _format(*r['reference_test_error'])),
+    ('train error %', _train_error),
+    ('ensemble test error %', lambda r: _format(*r['ensemble_test_error'])),
+    ('mini-batch gradients', lambda r: f"{r['gradient_evaluations']:,}"),
+    ('effective epochs', lambda r: f"{r['effective_epochs']:.1f}"))
+
+
+def _accuracy_lines(runs: Sequence[Run], columns) -> list[str]:
+  """The accuracy table of `runs` in the given columns, as Markdown lines."""
+  lines = ['| ' + ' | '.join(header for header, _ in columns) + ' |', '|' + '---|' * len(columns)]
+  for row in accuracy_table(runs):
+    lines.append('| ' + ' | '.join(cell(row) for _, cell in columns) + ' |')
+  return lines
+
+
 def markdown(runs: Sequence[Run]) -> str:
   """The accuracy and time-to-accuracy tables as Markdown, each with its runs' provenance."""
-  lines = ['| run | replicas | data per replica | seeds | reference test error % | '
-           'reference train error % | mean replica test error % | ensemble test error % | '
-           'mini-batch gradients | effective epochs | training s | load | machine |',
-           '|' + '---|' * 13]
-  for row in accuracy_table(runs):
-    train = _format(*row['reference_train_error']) if 'reference_train_error' in row else '-'
-    lines.append(
-        f"| {row['run']} | {row['replicas']} | {100 * row['data_fraction']:.0f}% | "
-        f"{row['seeds']} | {_format(*row['reference_test_error'])} | {train} | "
-        f"{_format(*row['replica_test_error'])} | {_format(*row['ensemble_test_error'])} | "
-        f"{row['gradient_evaluations']} | {row['effective_epochs']:.2f} | "
-        f"{_format(*row['train_seconds'], digits=0)} | {row['load_average']:.1f} | "
-        f"{row['machine']} |")
+  lines = _accuracy_lines(runs, FULL_COLUMNS)
   lines += ['', provenance_line(runs)]
   sweep = sweep_table(runs)
   if sweep:
@@ -272,16 +295,7 @@ def sweep_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 def summary_markdown(runs: Sequence[Run]) -> str:
   """The short table for the README: final errors per group over seeds, and provenance."""
-  lines = ['| run | replicas | seeds | test error % | train error % | ensemble test error % | '
-           'mini-batch gradients | effective epochs |', '|' + '---|' * 8]
-  for row in accuracy_table(runs):
-    train = _format(*row['reference_train_error']) if 'reference_train_error' in row else '-'
-    lines.append(
-        f"| {row['run']} | {row['replicas']} | {row['seeds']} | "
-        f"{_format(*row['reference_test_error'])} | {train} | "
-        f"{_format(*row['ensemble_test_error'])} | {row['gradient_evaluations']:,} | "
-        f"{row['effective_epochs']:.1f} |")
-  return '\n'.join(lines + ['', provenance_line(runs)]) + '\n'
+  return '\n'.join(_accuracy_lines(runs, SUMMARY_COLUMNS) + ['', provenance_line(runs)]) + '\n'
 
 
 def sweep_section(runs: Sequence[Run]) -> str:

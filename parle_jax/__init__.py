@@ -12,6 +12,9 @@ Layers, each importing only from those before it:
   ``vmap`` or a loop locally; the reference (mean) params.
 * :mod:`parle_jax.rounds` -- one fused, donated dispatch per round:
   ``lax.scan`` over ``L`` inner steps, then the coupling.
+* :mod:`parle_jax.nnx` -- Flax NNX modules in the rounds; imported on its own
+  (``from parle_jax import nnx as parle_nnx``), so that the package itself
+  never imports ``flax.nnx``.
 """
 
 from parle_jax.local_updates import DiLoCoState, diloco, local_sgd
