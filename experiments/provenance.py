@@ -163,6 +163,14 @@ def short_cpu(record: dict[str, Any]) -> str:
   return f"{info['model']}, {widest}, {info['usable_cores']} cores"
 
 
+def short_commit(record: dict[str, Any]) -> str:
+  """A segment's code in a few characters: the short commit, ``+changes <diff hash>`` if edited."""
+  commit = record['commit'] if record['commit'] == NOT_A_CHECKOUT else record['commit'][:7]
+  if record.get('code_changed'):
+    commit += f"+changes {record['code_diff']}"
+  return commit
+
+
 def describe_runs(segments_per_run: Sequence[Sequence[dict[str, Any]]]) -> str:
   """One line: the commits and CPUs that a table's runs came from, with counts."""
   counts: dict[str, int] = {}
@@ -172,10 +180,7 @@ def describe_runs(segments_per_run: Sequence[Sequence[dict[str, Any]]]) -> str:
     else:
       parts = []
       for s in segments:
-        commit = s['commit'] if s['commit'] == NOT_A_CHECKOUT else s['commit'][:7]
-        if s.get('code_changed'):
-          commit += f"+changes {s['code_diff']}"
-        parts.append(f'{commit} on {short_cpu(s)}, jax {s["versions"]["jax"]}')
+        parts.append(f'{short_commit(s)} on {short_cpu(s)}, jax {s["versions"]["jax"]}')
       key = ' then '.join(dict.fromkeys(parts))
     counts[key] = counts.get(key, 0) + 1
   return '; '.join(f'{key} ({n} run{"s" * (n > 1)})' for key, n in sorted(counts.items()))

@@ -312,10 +312,7 @@ def _kind_and_commit(run: Run) -> str:
   if not segments:
     return 'not recorded'
   first = segments[0]
-  commit = first['commit'] if first['commit'] == provenance.NOT_A_CHECKOUT else first['commit'][:7]
-  if first.get('code_changed'):
-    commit += f"+changes {first['code_diff']}"
-  return f'{provenance.short_cpu(first)} ({commit})'
+  return f'{provenance.short_cpu(first)} ({provenance.short_commit(first)})'
 
 
 _ROUNDS_IN_NAME = re.compile(r'_r(\d+)_seed\d+$')
