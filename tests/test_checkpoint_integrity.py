@@ -1,7 +1,10 @@
 """Checkpoints verified before they are trusted: checksums, and corrupt ones moved aside.
 
-Orbax reads a data file with flipped bytes without complaint; the checksums in
-each checkpoint's record catch it. A checkpoint that fails to read or verify
+Orbax reads a data file that holds valid data of another checkpoint (a stale
+or misplaced file) without complaint; the checksums in each checkpoint's
+record catch it. Flipped bytes are caught by one of the two: zstd, which
+compresses the data files, fails on most flips, and a flip that still decodes
+differs from the checksums. A checkpoint that fails to read or verify
 is moved to ``checkpoints/corrupt/`` with one warning, and the run resumes
 from the newest one that verifies, to the numbers of an uninterrupted run.
 
@@ -76,11 +79,30 @@ def flip(path, size=4096):
     f.write(bytes(b ^ 0xFF for b in data))
 
 
+def stale(state):
+  """Replaces round 4's state with round 2's, whole and valid: a file from another save."""
+  shutil.rmtree(state)
+  shutil.copytree(pathlib.Path(state).parent.parent / '2' / 'state', state)
+  return largest_file(state)
+
+
+def _on_largest_file(corrupt):
+  def corrupt_state(state):
+    path = largest_file(state)
+    corrupt(path)
+    return path
+  return corrupt_state
+
+
+CHECKSUMS_DIFFER = r'fails its checksums: \d+ of the \d+ shards read differ'
+# Which layer catches flipped bytes depends on where in the zstd stream they land.
+DETECTED = rf'({CHECKSUMS_DIFFER}|cannot be read \(ValueError: )'
 CORRUPTIONS = {
-    'flipped bytes': (flip, r'fails its checksums: \d+ of the \d+ shards read differ'),
-    'truncated file': (lambda path: os.truncate(path, os.path.getsize(path) // 2),
+    'stale data': (stale, CHECKSUMS_DIFFER),
+    'flipped bytes': (_on_largest_file(flip), DETECTED),
+    'truncated file': (_on_largest_file(lambda path: os.truncate(path, os.path.getsize(path) // 2)),
                        r'cannot be read \(ValueError: OUT_OF_RANGE: Error reading'),
-    'missing file': (os.remove, r'cannot be read \(ValueError: '),
+    'missing file': (_on_largest_file(os.remove), r'cannot be read \(ValueError: '),
 }
 
 
@@ -111,8 +133,7 @@ def test_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes(
   config, workdir, checkpoints = _copy(straight, tmp_path)
   assert checkpoint.Checkpointer(str(checkpoints)).rounds() == [2, 4]
   corrupt, reason = CORRUPTIONS[corruption]
-  damaged = largest_file(checkpoints / '4' / 'state')
-  corrupt(damaged)
+  damaged = corrupt(checkpoints / '4' / 'state')
   kept = pathlib.Path(damaged).read_bytes() if os.path.exists(damaged) else None
   with caplog.at_level(logging.WARNING):
     run(config, workdir)
@@ -268,7 +289,7 @@ def test_two_processes_agree_on_the_newest_checkpoint_that_verifies(tmp_path):
   assert _wait(_start(workdir, config, logs, 1), logs, 400) == [0, 0], _tail(logs)
   checkpoints = workdir / 'checkpoints'
   first, second = ((logs / f'launch1_{i}.log').read_text() for i in range(2))
-  assert re.search(rf'The checkpoint after round 4 in {checkpoints} fails its checksums: .* on '
+  assert re.search(rf'The checkpoint after round 4 in {checkpoints} {DETECTED}.* on '
                    rf'process 1 of 2: moved to {checkpoints}/corrupt/4\n', second), second[-3000:]
   assert re.search(rf'The checkpoint after round 4 in {checkpoints} failed to read or verify '
                    rf'on process 1 \(see its log\): moved to {checkpoints}/corrupt/4\n',
