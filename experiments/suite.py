@@ -211,6 +211,10 @@ def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_d
       with open(os.path.join(kept, 'summary.json'), 'w') as f:
         json.dump(_summary(results, started, load_before), f, indent=1, sort_keys=True)
     trained.append(run)
+    # Each run compiles its own programs. XLA:CPU keeps memory mappings per
+    # program, and a long suite in one process would otherwise reach Linux's
+    # vm.max_map_count, where the next compile segfaults.
+    jax.clear_caches()
   return trained
 
 

@@ -13,12 +13,27 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 
 
+import gc  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 FASHION_MNIST_DIR = pathlib.Path(
     os.environ.get('PARLE_FASHION_MNIST_DIR', '/usr/share/datasets/fashion-mnist'))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def release_compiled_programs():
+  """Drops JAX's compiled programs after each test module.
+
+  Every XLA:CPU executable keeps its own memory mappings. The whole suite in one
+  process compiles thousands of programs and, without this, passes Linux's
+  vm.max_map_count (65530) near its end; XLA then segfaults in the next compile.
+  """
+  yield
+  import jax  # after the XLA flags above
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope='session')

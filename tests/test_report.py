@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -154,9 +155,15 @@ def test_run_suite_keeps_raw_files_and_skips_finished_runs(tmp_path, monkeypatch
 
   monkeypatch.setattr(suite.train, 'train_and_evaluate', fake_train)
   runs_dir, results_dir = str(tmp_path / 'runs'), str(tmp_path / 'results')
+  compiled = jax.jit(lambda x: 2 * x)
+  compiled(jnp.ones(3))
+  assert compiled._cache_size() == 1
   names = suite.run_suite('fashion_mnist_lenet_cpu', runs_dir, results_dir, [0, 1],
                           only=['sgd_n1'])
   assert names == ['sgd_n1_seed0', 'sgd_n1_seed1'] and trained == [0, 1]
+  # Compiled programs are released between runs (a long suite would otherwise
+  # exhaust vm.max_map_count and segfault XLA).
+  assert compiled._cache_size() == 0
   kept = os.path.join(results_dir, 'fashion_mnist_lenet_cpu', 'sgd_n1_seed1')
   with open(os.path.join(kept, 'metrics.jsonl')) as f:
     assert f.read() == 'metrics.jsonl of seed 1\n'
