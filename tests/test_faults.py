@@ -33,9 +33,16 @@ def test_two_sigints_that_arrive_together_stop_at_once():
   stopped = False
   with faults.StopSignals() as signals:
     pid = os.getpid()
-    sender = subprocess.Popen(['sh', '-c', f'kill -INT {pid}; sleep 0.05; kill -INT {pid}'])
+    # The sender reports that it runs before it is told to go, so a loaded
+    # machine's process start-up does not eat into the window below.
+    sender = subprocess.Popen(
+        ['sh', '-c', f'echo ready; read go; kill -INT {pid}; sleep 0.05; kill -INT {pid}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-      sum(range(5 * 10**7))  # about a second in C: no Python signal handler runs
+      assert sender.stdout.readline() == b'ready\n'
+      sender.stdin.write(b'go\n')
+      sender.stdin.flush()
+      sum(range(2 * 10**8))  # 3-4 s in C: no Python signal handler runs meanwhile
       sender.wait(timeout=60)
       time.sleep(0.5)
     except KeyboardInterrupt:
