@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= $(CURDIR)/data
 WORKDIR ?= $(CURDIR)/workdirs/default
+# pytest-xdist workers for `make test` (CI has 2 cores; each worker prepares its own data).
+TEST_WORKERS ?= 2
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 export PARLE_DATA_DIR := $(DATA_DIR)
 
@@ -35,7 +37,7 @@ train: env data
 	$(BIN)/python -m experiments.train --config=experiments/configs/default.py --workdir=$(WORKDIR)
 
 test: env data
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest tests -q --durations=15
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest tests -q --durations=15 -n $(TEST_WORKERS) --dist=loadgroup
 
 benchmark: env
 	$(BIN)/python -m experiments.benchmark

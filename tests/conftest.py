@@ -49,6 +49,23 @@ def release_compiled_programs():
     gc.collect()
 
 
+# Under pytest-xdist (``make test`` runs two workers), the tests of these modules
+# stay on one worker, because they share a module-scoped fixture (a trained
+# model, a loaded dataset, a benchmark run) that would otherwise be built once
+# per worker; every other test is sent to whichever worker is free.
+ONE_WORKER_MODULES = frozenset({
+    'test_bad_input', 'test_benchmark', 'test_checkpoint_integrity', 'test_datasets',
+    'test_evaluate', 'test_execution_paths', 'test_local_updates', 'test_nnx',
+    'test_rounds', 'test_sampling', 'test_train'})
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    module = item.module.__name__
+    if module in ONE_WORKER_MODULES:
+      item.add_marker(pytest.mark.xdist_group(module))
+
+
 @pytest.fixture(scope='session')
 def fashion_mnist_data_dir(tmp_path_factory):
   """A data dir with Fashion-MNIST prepared once per test session (about 40 s)."""
