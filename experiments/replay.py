@@ -35,10 +35,10 @@ import os
 import tempfile
 from typing import Any, Optional
 
-import ml_collections
 from absl import app, flags
 
 from experiments import provenance
+from experiments.configs import base
 from experiments import workdir as workdir_lib
 
 LOSS_KEYS = ('train/loss',)
@@ -196,19 +196,7 @@ def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None,
   return Comparison(same_kind, logged_kind, here_kind, rows, mismatches, added, changed)
 
 
-def with_defaults(logged_config: dict[str, Any]) -> tuple[ml_collections.ConfigDict, list[str]]:
-  """A logged config with the fields that code added since it was logged, at their defaults.
-
-  A field added later defaults to what the code did before it existed (the
-  project's rule for new config fields), so an older run replays unchanged.
-  Returns the config and the names of the added fields.
-  """
-  from experiments.configs import base  # pylint: disable=g-import-not-at-top
-  defaults = base.get_config().to_dict()
-  added = sorted(set(defaults) - set(logged_config))
-  merged = dict(logged_config)
-  merged.update({name: defaults[name] for name in added})
-  return ml_collections.ConfigDict(merged), added
+with_defaults = base.with_defaults  # kept here for the callers of replay.with_defaults
 
 
 _RUN = flags.DEFINE_string('run', None, 'A logged run: a directory under experiments/results.')

@@ -171,3 +171,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except (TypeError, ValueError) as err:
     raise ValueError(f'config.model_kwargs={config.model_kwargs.to_dict()!r} is invalid for '
                      f'config.model={config.model!r}: {err}') from None
+
+
+def with_defaults(logged_config: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A logged config with the fields that code added since it was logged, at their defaults.
+
+  A field added later defaults to what the code did before it existed (the
+  project's rule for new config fields), so an older run replays unchanged.
+  Returns the config and the names of the added fields.
+  """
+  defaults = get_config().to_dict()
+  added = sorted(set(defaults) - set(logged_config))
+  merged = dict(logged_config)
+  merged.update({name: defaults[name] for name in added})
+  return ml_collections.ConfigDict(merged), added
