@@ -8,6 +8,15 @@ the slices and the product) are matmuls plus copies, and the fused round keeps
 its speed under ``lax.scan``. On GPUs and TPUs the backend's convolutions are
 faster; ``'auto'`` picks by backend.
 
+The two ops with hand-written derivatives, the patch gather and the product,
+are ``jax.custom_jvp`` functions (not ``custom_vjp``), so every JAX transform
+works through them: ``jax.grad``, and also ``jax.jvp``, ``jax.linearize``,
+``jax.hessian`` and Hessian-vector products (``jax.jvp`` of ``jax.grad``).
+Their tangents are linear maps chosen so that JAX's transpose of them, the
+reverse-mode gradient, is the fast one: the windows' pad-and-add instead of
+the gather's scatter, and the weight gradient as ``(dy^T @ patches)^T``
+(measured: docs/measurements.md).
+
 :func:`matmul_conv_general_dilated` has the signature of
 ``lax.conv_general_dilated`` and plugs into Flax's ``nn.Conv`` through its
 ``conv_general_dilated`` field; it handles what the models here use: NHWC
@@ -25,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from parle_jax import checks
 
@@ -91,12 +101,17 @@ def _patch_indices(shape, kernel, strides, out_hw) -> np.ndarray:
   return flat.reshape(-1).astype(np.int32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
 def _patches(x, kernel, strides, out_hw):
   """:func:`_windows`, gathered in one op (XLA:CPU's many-operand concatenate is slow).
 
-  The gradient is the transpose of the slices (padded and summed), not of the
-  gather: XLA:CPU's scatter is slow.
+  A ``jax.custom_jvp``: the value is the gather, the tangent is
+  :func:`_windows` of the input's tangent (the same linear map as the
+  gather, written as strided slices and a concatenate). Reverse mode
+  transposes that tangent, so the gradient is the slices' transpose (pad each
+  window's cotangent back and add), never the gather's (a scatter, slow on
+  XLA:CPU). Forward mode (``jax.jvp``, ``jax.linearize``, ``jax.hessian``)
+  works, its tangent paying the concatenate.
   """
   indices = _patch_indices(x.shape, kernel, strides, out_hw)
   batch = x.shape[0]
@@ -104,16 +119,10 @@ def _patches(x, kernel, strides, out_hw):
       (batch,) + tuple(out_hw) + (-1,))
 
 
-def _patches_fwd(x, kernel, strides, out_hw):
-  return _patches(x, kernel, strides, out_hw), jax.ShapeDtypeStruct(x.shape, x.dtype)
-
-
-def _patches_bwd(kernel, strides, out_hw, x_shape, cotangent):
-  transpose = jax.linear_transpose(lambda x: _windows(x, kernel, strides, out_hw), x_shape)
-  return transpose(cotangent)
-
-
-_patches.defvjp(_patches_fwd, _patches_bwd)
+@_patches.defjvp
+def _patches_jvp(kernel, strides, out_hw, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return _patches(x, kernel, strides, out_hw), _windows(dx, kernel, strides, out_hw)
 
 
 def _dot(a, b, precision, preferred_element_type):
@@ -121,28 +130,48 @@ def _dot(a, b, precision, preferred_element_type):
                          preferred_element_type=preferred_element_type)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _product(patches, kernel, precision, preferred_element_type):
-  """``patches [N, K] @ kernel [K, D]``; the weight gradient as ``(dy^T @ patches)^T``.
+  """``patches [N, K] @ kernel [K, D]``; its tangent transposes to the fast weight gradient.
 
-  Autodiff's ``patches^T @ dy`` contracts the long axis N of both operands,
-  which XLA:CPU runs in a slower kernel than this orientation.
+  A ``jax.custom_jvp`` (so forward mode works) whose tangent is
+  ``dpatches @ kernel + (dkernel^T . patches^T)^T``, each term computed only
+  when its tangent is not a symbolic zero. The second term is written so that
+  JAX's transpose of it, the weight gradient, is ``(dy^T @ patches)^T``:
+  autodiff of a plain ``patches @ dkernel`` would give ``patches^T @ dy``,
+  which contracts the long axis N of both operands and which XLA:CPU runs in
+  a slower kernel. The first term is written against ``kernel^T`` so that its
+  transpose, the input gradient, is ``dy @ kernel^T``: the reverse mode runs
+  the same products as the former ``custom_vjp`` rule. Both gradients are
+  cast back to their operand's dtype (by JAX's transpose of ``dot_general``,
+  as under ``preferred_element_type``).
   """
   return _dot(patches, kernel, precision, preferred_element_type)
 
 
-def _product_fwd(patches, kernel, precision, preferred_element_type):
-  return _dot(patches, kernel, precision, preferred_element_type), (patches, kernel)
-
-
-def _product_bwd(precision, preferred_element_type, residuals, cotangent):
-  patches, kernel = residuals
-  d_patches = _dot(cotangent, kernel.T, precision, preferred_element_type)
-  d_kernel = _dot(cotangent.T, patches, precision, preferred_element_type).T
-  return d_patches.astype(patches.dtype), d_kernel.astype(kernel.dtype)
-
-
-_product.defvjp(_product_fwd, _product_bwd)
+@functools.partial(_product.defjvp, symbolic_zeros=True)
+def _product_jvp(precision, preferred_element_type, primals, tangents):
+  patches, kernel = primals
+  d_patches, d_kernel = tangents
+  out = _product(patches, kernel, precision, preferred_element_type)
+  terms = []
+  # Each term is a dot_general whose transpose for its tangent is one of the former
+  # custom_vjp's products, so the compiled gradient is op for op the same.
+  if not isinstance(d_patches, SymbolicZero):
+    # d_patches [N, K] . kernel^T [D, K], contracting K; transposed: dy @ kernel^T [N, K].
+    terms.append(lax.dot_general(d_patches, kernel.T, (((1,), (1,)), ((), ())),
+                                 precision=precision,
+                                 preferred_element_type=preferred_element_type))
+  if not isinstance(d_kernel, SymbolicZero):
+    # (d_kernel [K, D] . patches [N, K], contracting K)^T; transposed: (dy^T @ patches)^T
+    # [K, D], the orientation XLA:CPU runs fast.
+    terms.append(lax.dot_general(d_kernel, patches, (((0,), (1,)), ((), ())),
+                                 precision=precision,
+                                 preferred_element_type=preferred_element_type).T)
+  if not terms:  # JAX calls the rule only with a tangent, kept for safety
+    return out, jnp.zeros_like(out)
+  d_out = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+  return out, d_out.astype(out.dtype)
 
 
 def matmul_conv_general_dilated(
@@ -157,12 +186,18 @@ def matmul_conv_general_dilated(
   The padded input's ``kh * kw`` strided windows are concatenated on the
   channel axis (patches ``[B, Ho, Wo, kh * kw * C]``) and multiplied by the
   kernel reshaped to ``[kh * kw * C, D]``; a 1x1 kernel is a strided slice and
-  a product. The weight gradient is ``(dy^T @ patches)^T`` and the input
+  a product. The patches are gathered in one op, not concatenated (XLA:CPU's
+  concatenate of many operands is slow).
+
+  Differentiable in both modes, to any order: the gather and the product are
+  ``jax.custom_jvp`` functions whose tangents (the windows of the input's
+  tangent; ``dpatches @ kernel`` plus the kernel tangent's term, each only
+  for a tangent that is not a symbolic zero) JAX transposes into the reverse
+  mode's gradients: the weight gradient ``(dy^T @ patches)^T`` and the input
   gradient ``dy @ kernel^T`` added back window by window (the transpose of
-  the slices), so both are matmuls. The patches are gathered in one op, not
-  concatenated (XLA:CPU's concatenate of many operands is slow). Equal to
-  ``lax.conv_general_dilated`` up to float rounding (the sums run in another
-  order).
+  the slices), so both are matmuls and no scatter runs. Equal to
+  ``lax.conv_general_dilated``, with its derivatives, up to float rounding
+  (the sums run in another order).
 
   Examples:
     >>> import jax.numpy as jnp
