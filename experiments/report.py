@@ -12,7 +12,9 @@ commits and CPUs its runs came from.
 ``--readme=README.md,docs/results.md`` also replaces, in each file, what stands
 between the suite's markers: ``<!-- BEGIN report:<suite> -->`` gets the full
 tables, ``<!-- BEGIN report:<suite>:summary -->`` the short one for the README,
-``<!-- BEGIN report:<suite>:sweep -->`` the budget sweep alone.
+``<!-- BEGIN report:<suite>:sweep -->`` the budget sweep alone,
+``<!-- BEGIN report:<suite>:flatness -->`` the flatness table
+(:mod:`experiments.report_flatness`, for runs with a ``flatness.json``).
 
 ``--suite=cpu_kinds`` tabulates the runs under ``<results_dir>/cpu_kinds/``:
 committed runs rerun on another CPU kind, each beside the run of the same name
@@ -30,7 +32,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from absl import app, flags
 
-from experiments import provenance, workdir
+from experiments import provenance, report_flatness, workdir
 
 FLAGS = flags.FLAGS
 
@@ -503,6 +505,12 @@ def report(results_dir: str, suite: str) -> dict[str, str]:
     sections = {'': markdown(runs), 'summary': summary_markdown(runs),
                 'sweep': sweep_section(runs)}
     plot(runs, suite_dir)
+    flatness = report_flatness.load(suite_dir, [run.name for run in runs])
+    if flatness:
+      sections['flatness'] = report_flatness.markdown(
+          report_flatness.table(group_runs(runs), flatness), flatness)
+      sections[''] += '\n## Flatness\n\n' + sections['flatness']
+      report_flatness.plot(flatness, suite_dir)
   with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
     f.write(sections[''])
   return sections

@@ -2,13 +2,16 @@
 
   python -m experiments.suite --suite=fashion_mnist_lenet_cpu --runs_dir=workdirs/suites
   python -m experiments.suite --suite=fashion_mnist_lenet_cpu --only=parle,sgd --seeds=0
+  python -m experiments.suite --suite=default_job --seeds=0 --landscape
 
 Each run trains through :func:`experiments.train.train_and_evaluate` in
 ``<runs_dir>/<suite>/<run>`` (checkpoints, TensorBoard, the reference model; a
 killed suite resumes where it stopped) and, once finished, copies what the
 report needs into ``<results_dir>/<suite>/<run>/``: ``config.json``,
 ``metrics.jsonl`` and ``summary.json`` (final numbers, budget, training time
-and the machine it ran on). Finished runs are skipped. ``experiments.report``
+and the machine it ran on). Finished runs are skipped. ``--landscape`` then
+measures each finished run whose workdir still holds its reference model
+(:mod:`experiments.landscape`) and keeps its ``flatness.json`` there too. ``experiments.report``
 rebuilds the tables and plots from these files alone.
 
 Suites:
@@ -34,17 +37,18 @@ Suites:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 
-from experiments import machine, optimizers, train
+from experiments import landscape, machine, optimizers, train
 from experiments import workdir as workdir_lib
 from experiments.configs import default, fashion_mnist_lenet, fashion_mnist_wrn16_4
 
@@ -55,6 +59,12 @@ def define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
   flags.DEFINE_string('suite', 'fashion_mnist_lenet_cpu', f'One of {sorted(SUITES)}.')
   flags.DEFINE_string('runs_dir', 'workdirs/suites', 'Where runs train (large).')
+  flags.DEFINE_bool('landscape', False,
+                    'After training, measure every finished run whose workdir still holds its '
+                    'reference model (experiments.landscape) and keep flatness.json beside '
+                    'summary.json.')
+  flags.DEFINE_integer('landscape_examples', landscape.Settings.examples,
+                       'Training images for --landscape.')
   flags.DEFINE_string('results_dir', 'experiments/results',
                       'Where the raw metrics of finished runs are kept (small).')
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds to run.')
@@ -184,15 +194,26 @@ def _summary(results: dict, started: float, load_before) -> dict:
               load_average_start=load_before, load_average_end=os.getloadavg())
 
 
-def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_dir=''
-              ) -> list[str]:
-  """Trains the suite's unfinished runs; returns the names of the runs it trained."""
+# The run each suite's Parle runs are joined to by a straight path (same seed): SGD.
+SEGMENT_TO = {'default_job': 'sgd_replica_budget', 'fashion_mnist_lenet_cpu': 'sgd_n1',
+              'fashion_mnist_lenet_paper': 'sgd_n1', 'fashion_mnist_wrn16_4_paper': 'sgd_n1'}
+
+
+def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_dir='',
+              flatness: Optional[landscape.Settings] = None) -> list[str]:
+  """Trains the suite's unfinished runs; returns the names of the runs it trained.
+
+  With `flatness`, then measures every finished run that has no
+  ``flatness.json`` yet and whose workdir still holds its reference model
+  (:func:`measure_flatness`).
+  """
   if name not in SUITES:
     raise ValueError(f'--suite={name!r} is unknown; choose one of {sorted(SUITES)}.')
-  trained = []
+  trained, runs = [], []
   for run, config in SUITES[name](seeds):
     if only and not any(run.startswith(prefix) for prefix in only):
       continue
+    runs.append((run, config))
     kept = os.path.join(results_dir, name, run)
     if os.path.exists(os.path.join(kept, 'summary.json')):
       logging.info('%s: already finished, skipping', run)
@@ -215,15 +236,67 @@ def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_d
     # program, and a long suite in one process would otherwise reach Linux's
     # vm.max_map_count, where the next compile segfaults.
     jax.clear_caches()
+  if flatness is not None:
+    measure_flatness(name, runs, runs_dir, results_dir, flatness, data_dir)
   return trained
+
+
+def suite_gamma(runs) -> Optional[float]:
+  """The scope of the suite's first Parle run after its last round (one gamma for all runs)."""
+  for _, config in runs:
+    if config.optimizer == 'parle':
+      plan = optimizers.make_plan(config, FASHION_MNIST_TRAIN, jax.device_count())
+      return landscape.final_gamma(config, plan)
+  return None
+
+
+def measure_flatness(name: str, runs, runs_dir: str, results_dir: str,
+                     settings: landscape.Settings, data_dir: str = '') -> list[str]:
+  """Writes ``flatness.json`` for the finished `runs` of suite `name` that lack one.
+
+  Every run is measured at the same scope (:func:`suite_gamma`) on the same
+  images; a Parle run also along the segment to the SGD run of its seed
+  (:data:`SEGMENT_TO`). A run whose workdir no longer holds its reference is
+  skipped with a warning. Returns the names of the runs measured.
+  """
+  gamma = suite_gamma(runs)
+  if settings.gamma is None and gamma is not None:
+    settings = dataclasses.replace(settings, gamma=gamma)
+  measured = []
+  for run, config in runs:
+    kept, run_dir = os.path.join(results_dir, name, run), os.path.join(runs_dir, name, run)
+    if (not os.path.exists(os.path.join(kept, 'summary.json'))
+        or os.path.exists(os.path.join(kept, landscape.FLATNESS))):
+      continue
+    if not os.path.isdir(workdir_lib.path(run_dir, workdir_lib.REFERENCE)):
+      logging.warning('%s: no reference model in %s, so no flatness.json; train the run '
+                      'again there to measure it.', run, run_dir)
+      continue
+    against = None
+    if config.optimizer == 'parle' and name in SEGMENT_TO:
+      other = os.path.join(runs_dir, name, f'{SEGMENT_TO[name]}_seed{config.seed}')
+      against = other if os.path.isdir(workdir_lib.path(other, workdir_lib.REFERENCE)) else None
+    logging.info('%s: measuring its flatness%s', run, f' (against {against})' if against else '')
+    result = landscape.measure(run_dir, settings, against=against, data_dir=data_dir,
+                               progress_bar=False)
+    if jax.process_index() == 0:
+      landscape.write(run_dir, result)
+      shutil.copyfile(os.path.join(run_dir, landscape.FLATNESS),
+                      os.path.join(kept, landscape.FLATNESS))
+      logging.info('%s: %s', run, landscape.summary_line(result))
+    measured.append(run)
+    jax.clear_caches()
+  return measured
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   train.quiet_orbax_logs()
+  flatness = (landscape.Settings(examples=FLAGS.landscape_examples) if FLAGS.landscape
+              else None)
   run_suite(FLAGS.suite, FLAGS.runs_dir, FLAGS.results_dir, [int(s) for s in FLAGS.seeds],
-            FLAGS.only, FLAGS.data_dir)
+            FLAGS.only, FLAGS.data_dir, flatness)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@
 ``checkpoints/<round>/``   orbax checkpoints of the whole replica state, with checksums
 ``checkpoints/corrupt/``   checkpoints that failed to read or verify, moved aside (kept)
 ``reference/``             the reference model as plain Flax variables
+``flatness.json``          its curvature and sharpness (``experiments.landscape``)
 ``sgd_<budget>_budget/``   with ``compare_to_sgd``: the two SGD baselines, each a workdir
 ``lock.<process>``         held (``fcntl.flock``) by each process of the run that owns it
 =========================  ==========================================================
@@ -26,6 +27,7 @@ PROVENANCE = 'provenance.jsonl'  # see experiments.provenance
 TENSORBOARD = 'tensorboard'
 CHECKPOINTS = 'checkpoints'
 REFERENCE = 'reference'
+FLATNESS = 'flatness.json'  # see experiments.landscape
 LOCK = 'lock'  # lock.<process index>: see experiments.faults.WorkdirLock
 SGD_BUDGETS = ('per_replica', 'total')  # the SGD baselines of compare_to_sgd
 
@@ -38,7 +40,7 @@ def sgd_baseline(budget: str) -> str:
 
 
 # Everything a run writes: what --overwrite deletes.
-OUTPUTS = (CHECKPOINTS, TENSORBOARD, REFERENCE, METRICS, PROVENANCE, CONFIG) + tuple(
+OUTPUTS = (CHECKPOINTS, TENSORBOARD, REFERENCE, FLATNESS, METRICS, PROVENANCE, CONFIG) + tuple(
     sgd_baseline(budget) for budget in SGD_BUDGETS)
 
 

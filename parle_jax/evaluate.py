@@ -316,3 +316,89 @@ def train_error_and_loss(model: nn.Module, replicas: replicas_lib.Replicas,
   per_replica, _, count = _replica_pass(model, replicas, state, arrays, mean, std,
                                         batch_size, mapping)
   return _metrics(per_replica, count, 'replica', 'train')
+
+
+# ----------------------------------------------------------------------------
+# The loss over a dataset as a function of the params (for parle_jax.flatness).
+
+
+@functools.lru_cache(maxsize=32)
+def _dataset_loss_fn(model: nn.Module, recompute_bn: bool):
+  """``(model_state, bn_batches, batches, count, mean, std, params) -> mean loss``."""
+
+  def mean_loss(model_state, bn_batches, batches, count, mean, std, params):
+    if recompute_bn:
+      model_state = dict(model_state, batch_stats=recompute_batch_stats(
+          model, params, model_state['batch_stats'], bn_batches))
+    variables = {'params': params, **model_state}
+
+    def add_batch(total, batch):
+      images = data_lib.normalize(batch['image'], mean, std)
+      return total + _masked_sums(_log_probs(model, variables, images), batch['label'],
+                                  batch['mask'])['loss'], None
+
+    total, _ = lax.scan(add_batch, jnp.zeros((), jnp.float32), batches)
+    return total / count
+
+  return mean_loss
+
+
+def dataset_loss(model: nn.Module, model_state: Any, arrays: Mapping[str, np.ndarray], *,
+                 mean: Any, std: Any, batch_size: int = 500,
+                 bn_batches: Any = None) -> jax.tree_util.Partial:
+  """The eval-mode mean cross-entropy over `arrays`, as a function of the params.
+
+  For :mod:`parle_jax.flatness`: ``loss(params)`` runs the model in eval mode
+  with `model_state` held fixed (for a network with batch norm, the
+  statistics it is evaluated with: the reference's recomputed ones from
+  :func:`reference_variables`, or a replica's running ones), over all of
+  `arrays` in batches of `batch_size` summed inside one ``lax.scan``, so
+  memory is that of one batch and one call is one dispatch. The examples are
+  put on the device once. With `bn_batches`, the batch-norm statistics are
+  instead recomputed from the params on every call
+  (:func:`recompute_batch_stats`, as the reference's are): the loss of the
+  model as it would be evaluated, for perturbations too large for fixed
+  statistics (a path between two models, say). The result is a ``jax.tree_util.Partial`` whose
+  data (the examples, `model_state`) are pytree leaves: passed as an argument
+  to a jitted function, one compilation serves every model of the same shapes.
+
+  Examples:
+    >>> import jax, numpy as np
+    >>> from parle_jax import evaluate, models
+    >>> model = models.create_model('lenet', 10)
+    >>> variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+    >>> arrays = {'image': np.zeros((6, 28, 28, 1), np.uint8), 'label': np.arange(6)}
+    >>> loss = evaluate.dataset_loss(model, {'batch_stats': variables['batch_stats']}, arrays,
+    ...                              mean=[0.5], std=[0.5], batch_size=4)
+    >>> loss.args[2]['image'].shape  # two batches of 4, the last padded
+    (2, 4, 28, 28, 1)
+    >>> bool(jax.jit(lambda f, p: f(p))(loss, variables['params']) > 0)
+    True
+
+  Args:
+    model: the Flax module (``apply(variables, images, train=False)``).
+    model_state: the non-param collections, e.g. ``{'batch_stats': ...}`` ({} if none).
+    arrays: ``{'image': uint8 [N, H, W, C], 'label': int [N]}``.
+    mean, std: per-channel normalisation, as for training.
+    batch_size: examples per batch (the last is padded and masked).
+    bn_batches: None (statistics from `model_state`), or normalised training
+      images ``[num_batches, B, H, W, C]`` to recompute them from.
+
+  Returns:
+    ``loss(params) -> float32 scalar``, the mean over the N examples.
+  """
+  _check_arrays(arrays, 'arrays')
+  checks.channel_stats(mean, std, np.shape(arrays['image'])[-1])
+  batches = list(data_lib.eval_batches(arrays, batch_size))
+  stacked = jax.device_put({k: np.stack([b[k] for b in batches]) for k in batches[0]})
+  count = np.float32(np.shape(arrays['label'])[0])
+  recompute_bn = bn_batches is not None and bool(jax.tree.leaves(model_state))
+  if recompute_bn:
+    if set(model_state) != {'batch_stats'}:
+      raise ValueError("with bn_batches, model_state must hold only 'batch_stats', got "
+                       f'{sorted(model_state)}.')
+    bn_batches = jax.device_put(check_bn_batches(bn_batches))
+  return jax.tree_util.Partial(_dataset_loss_fn(model, recompute_bn),
+                               jax.device_put(dict(model_state)),
+                               bn_batches if recompute_bn else None, stacked, count,
+                               np.asarray(mean, np.float32), np.asarray(std, np.float32))

@@ -55,7 +55,7 @@ def release_compiled_programs():
 # per worker; every other test is sent to whichever worker is free.
 ONE_WORKER_MODULES = frozenset({
     'test_bad_input', 'test_benchmark', 'test_checkpoint_integrity', 'test_datasets',
-    'test_evaluate', 'test_execution_paths', 'test_local_updates', 'test_nnx',
+    'test_evaluate', 'test_execution_paths', 'test_landscape', 'test_local_updates', 'test_nnx',
     'test_rounds', 'test_sampling', 'test_train'})
 
 

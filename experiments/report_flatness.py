@@ -1,0 +1,171 @@
+"""The flatness table and plots of a suite, from the ``flatness.json`` of its runs.
+
+:mod:`experiments.report` calls this for every suite whose runs carry a
+``flatness.json`` (written by ``experiments.suite --landscape``, see
+:mod:`experiments.landscape`). Rows are the report's groups (runs that differ
+only in the seed), with mean ± sample standard deviation over seeds; runs of
+several replicas add a row for their replicas (the mean over replicas per seed,
+then over seeds). Two plots: the Hessian's spectral density of each Parle
+reference against the SGD reference it was joined to, and the loss along a
+filter-normalised random direction and along the segment between the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from experiments import provenance
+
+FLATNESS = 'flatness.json'
+_SEED = re.compile(r'_seed(\d+)$')
+COLUMNS = (  # (header, key in a model's figures)
+    ('top eigenvalue', 'top_eigenvalue'), ('5th eigenvalue', 'fifth_eigenvalue'),
+    ('trace', 'trace'), ('sharpness (worst)', 'sharpness_worst'),
+    ('sharpness (random)', 'sharpness_random'), ('Gibbs loss', 'local_entropy_loss'),
+    ('loss', 'loss'),
+)
+
+
+def load(suite_dir: str, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """``{run name: flatness.json}`` for the runs in `names` that have one."""
+  found = {}
+  for name in names:
+    path = os.path.join(suite_dir, name, FLATNESS)
+    if os.path.isfile(path):
+      with open(path) as f:
+        found[name] = json.load(f)
+  return found
+
+
+def _figures(model: dict[str, Any]) -> dict[str, float]:
+  values = {key: model[key] for _, key in COLUMNS if key in model}
+  values['top_eigenvalue'] = model['top_eigenvalues'][0]
+  values['fifth_eigenvalue'] = model['top_eigenvalues'][-1]
+  return values
+
+
+def _cell(values: Sequence[float]) -> str:
+  values = np.asarray(values, np.float64)
+  if len(values) == 1:
+    return f'{values[0]:.3g}'
+  return f'{values.mean():.3g} ± {values.std(ddof=1):.2g}'
+
+
+def table(groups: dict[str, Sequence[Any]], flatness: dict[str, dict[str, Any]]
+          ) -> list[dict[str, Any]]:
+  """Rows ``{'group', 'models', 'seeds', 'test_error', <figure>: [per seed]}``.
+
+  `groups` maps a group name to its runs (objects with ``name`` and ``summary``).
+  """
+  rows = []
+  for group, runs in groups.items():
+    measured = [run for run in runs if run.name in flatness]
+    if not measured:
+      continue
+    for models in ('reference', 'replicas'):
+      per_seed: dict[str, list[float]] = {}
+      for run in measured:
+        found = flatness[run.name]['models']
+        chosen = ([found['reference']] if models == 'reference' else
+                  [v for k, v in sorted(found.items()) if k.startswith('replica_')])
+        if not chosen:
+          break
+        for key, value in _figures(chosen[0]).items():
+          per_seed.setdefault(key, []).append(
+              float(np.mean([_figures(model)[key] for model in chosen])))
+      else:
+        errors = ([run.summary['reference/test_error'] for run in measured]
+                  if models == 'reference' else
+                  [float(np.mean(run.summary['replica/test_error'])) for run in measured])
+        rows.append(dict(per_seed, group=group, models=models, seeds=len(measured),
+                         test_error=errors))
+  return rows
+
+
+def markdown(rows: Sequence[dict[str, Any]], flatness: dict[str, dict[str, Any]]) -> str:
+  """The flatness table, its settings and where the figures came from."""
+  if not rows:
+    return ''
+  header = ['method', 'model', 'seeds', 'test error %'] + [name for name, _ in COLUMNS]
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for row in rows:
+    cells = [row['group'], row['models'], str(row['seeds']), _cell(row['test_error'])]
+    cells += [_cell(row[key]) if key in row else '' for _, key in COLUMNS]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  first = next(iter(flatness.values()))
+  settings = first['settings']
+  gammas = sorted({round(f['gamma'], 6) for f in flatness.values()})
+  records = [[f['provenance']] for f in flatness.values()]
+  lines += ['', f"Hessian figures on {settings['examples']} training images in eval mode (batch-norm "
+            f"statistics fixed): the {settings['num_eigenvalues']} largest eigenvalues (Lanczos, "
+            f"{settings['lanczos_iterations']} steps), the trace (Hutchinson, "
+            f"{settings['trace_samples']} probes); sharpness: the loss increase within a "
+            f"per-filter ball of radius {settings['radius']} (worst by {settings['ascent_steps']} "
+            f"ascent steps, random over {settings['random_perturbations']} directions); Gibbs loss: "
+            f"the mean loss of a Langevin chain ({settings['langevin_steps']} steps) around the "
+            f"model at gamma = {', '.join(f'{g:.4g}' for g in gammas)}. "
+            f'Measured on {provenance.describe_runs(records)}.', '']
+  return '\n'.join(lines)
+
+
+def _pairs(flatness: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+  """(Parle run, the run it was joined to) for every measured run with a segment."""
+  pairs = []
+  for name, found in sorted(flatness.items()):
+    other = os.path.basename(found.get('against', {}).get('workdir', ''))
+    if other in flatness:
+      pairs.append((name, other))
+  return pairs
+
+
+def plot(flatness: dict[str, dict[str, Any]], out_dir: str) -> list[str]:
+  """Writes ``spectral_density.png`` and ``loss_paths.png``; returns their paths ([] if no pair)."""
+  pairs = _pairs(flatness)
+  if not pairs:
+    return []
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  colors = ('tab:blue', 'tab:orange')
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for name, other in pairs:
+    for run, color in zip((name, other), colors):
+      density = flatness[run]['models']['reference']['density']
+      ax.semilogy(density['grid'], np.maximum(density['density'], 1e-12), color=color,
+                  alpha=0.8, label=_SEED.sub('', run) if (name, other) == pairs[0] else None)
+  ax.set_ylim(bottom=1e-6)
+  ax.set_xlabel('Hessian eigenvalue')
+  ax.set_ylabel('density (SLQ)')
+  ax.set_title('Spectral density of the reference models, one line per seed')
+  ax.legend()
+  fig.tight_layout()
+  paths = [os.path.join(out_dir, 'spectral_density.png')]
+  fig.savefig(paths[0], dpi=110)
+  plt.close(fig)
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  for name, other in pairs:
+    for run, color in zip((name, other), colors):
+      line = flatness[run]['models']['reference']['random_direction']
+      left.plot(line['t'], line['loss'], color=color, alpha=0.8,
+                label=_SEED.sub('', run) if (name, other) == pairs[0] else None)
+    segment = flatness[name]['against']
+    # alpha = 0 is the Parle run, 1 the other: drawn from the other (0) to Parle (1).
+    right.plot(1 - np.asarray(segment['alpha']), segment['loss'], color='tab:green', alpha=0.8)
+  left.set_xlabel('t (params + t * filter-normalised random direction)')
+  left.set_ylabel('training loss (BN statistics recomputed)')
+  left.set_yscale('log')
+  left.legend()
+  right.set_xlabel(f'0 = {_SEED.sub("", pairs[0][1])}, 1 = {_SEED.sub("", pairs[0][0])}')
+  right.set_title('the straight path between the two, one line per seed')
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, 'loss_paths.png'))
+  fig.savefig(paths[1], dpi=110)
+  plt.close(fig)
+  return paths
