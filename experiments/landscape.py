@@ -321,14 +321,21 @@ def _against(run: Run, other: str, examples, settings: Settings, data_dir: str):
   return {'workdir': os.path.abspath(other), 'alpha': _floats(alphas), 'loss': _floats(losses)}
 
 
-def write(workdir: str, result: dict[str, Any]) -> str:
-  """Writes ``<workdir>/flatness.json`` whole (a temporary file, then renamed); returns its path."""
-  path = os.path.join(workdir, FLATNESS)
+def write(workdir: str, result: dict[str, Any], name: str = FLATNESS) -> str:
+  """Writes ``<workdir>/<name>`` whole (a temporary file, then renamed); returns its path."""
+  check_output(name)
+  path = os.path.join(workdir, name)
   temporary = f'{path}.tmp.{os.getpid()}'
   with open(temporary, 'w') as f:
     json.dump(result, f, indent=1, sort_keys=True)
   os.replace(temporary, path)
   return path
+
+
+def check_output(name: str) -> None:
+  if os.sep in name or not name.endswith('.json'):
+    raise errors.ConfigError(f'--output={name!r} must be a file name ending in .json (it is '
+                             'written into the workdir).')
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -349,6 +356,9 @@ def define_flags() -> None:
   flags.DEFINE_string('against', None, "Another run: adds the loss along the segment between "
                       "the two reference models.")
   flags.DEFINE_bool('reference_only', False, 'Measure the reference model alone.')
+  flags.DEFINE_string('output', FLATNESS, 'The file written into --workdir (e.g. '
+                      'flatness_10000.json for a run at other settings; the report reads '
+                      'flatness.json and compares flatness_<examples>.json with it).')
   flags.DEFINE_string('data_dir', '', 'TFDS data dir (default: the config\'s, or PARLE_DATA_DIR).')
   for field in dataclasses.fields(Settings):
     value = getattr(defaults, field.name)
@@ -394,9 +404,10 @@ def main(argv):
 
   def run():
     settings = settings_from_flags()
+    check_output(flags.FLAGS.output)  # before minutes of measuring
     result = measure(workdir, settings, against=flags.FLAGS.against,
                      data_dir=flags.FLAGS.data_dir, reference_only=flags.FLAGS.reference_only)
-    path = write(workdir, result)
+    path = write(workdir, result, flags.FLAGS.output)
     print(f'{path}: {summary_line(result)}')
 
   return faults.exit_code(run, workdir=workdir)

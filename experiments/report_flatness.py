@@ -42,8 +42,12 @@ def load(suite_dir: str, names: Sequence[str]) -> dict[str, dict[str, Any]]:
   return found
 
 
+_SCALARS = ('loss', 'trace', 'sharpness_worst', 'sharpness_random', 'local_entropy_loss',
+            'local_entropy_distance')
+
+
 def _figures(model: dict[str, Any]) -> dict[str, float]:
-  values = {key: model[key] for _, key in COLUMNS if key in model}
+  values = {key: model[key] for key in _SCALARS}
   values['top_eigenvalue'] = model['top_eigenvalues'][0]
   values['fifth_eigenvalue'] = model['top_eigenvalues'][-1]
   return values
@@ -110,6 +114,37 @@ def markdown(rows: Sequence[dict[str, Any]], flatness: dict[str, dict[str, Any]]
             f"the mean loss of a Langevin chain ({settings['langevin_steps']} steps) around the "
             f"model at gamma = {', '.join(f'{g:.4g}' for g in gammas)}. "
             f'Measured on {provenance.describe_runs(records)}.', '']
+  return '\n'.join(lines)
+
+
+_OTHER_EXAMPLES = re.compile(r'^flatness_(\d+)\.json$')
+COMPARED = (('loss', 'loss'), ('top eigenvalue', 'top_eigenvalue'),
+            ('5th eigenvalue', 'fifth_eigenvalue'), ('trace', 'trace'),
+            ('sharpness (worst)', 'sharpness_worst'), ('sharpness (random)', 'sharpness_random'),
+            ('Gibbs loss', 'local_entropy_loss'), ('distance to <y>', 'local_entropy_distance'))
+
+
+def examples_markdown(suite_dir: str, flatness: dict[str, dict[str, Any]]) -> str:
+  """The reference's figures of ``flatness.json`` beside those of ``flatness_<examples>.json``."""
+  lines = []
+  for name, found in sorted(flatness.items()):
+    others = sorted((int(m.group(1)), f) for f in os.listdir(os.path.join(suite_dir, name))
+                    if (m := _OTHER_EXAMPLES.match(f)))
+    if not others:
+      continue
+    columns = [(found['settings']['examples'], found)]
+    for _, file in others:
+      with open(os.path.join(suite_dir, name, file)) as f:
+        other = json.load(f)
+      columns.append((other['settings']['examples'], other))
+    header = ['figure'] + [f'{examples:,} images' for examples, _ in columns]
+    lines += [f'{name}, reference model, by the number of training images:', '',
+              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for label, key in COMPARED:
+      values = [_figures(c['models']['reference'])[key] for _, c in columns]
+      lines.append('| ' + ' | '.join([label] + [f'{v:.4g}' for v in values]) + ' |')
+    seconds = ', '.join(f"{c['seconds']:.0f} s" for _, c in columns)
+    lines += ['', f'Measured in {seconds}.', '']
   return '\n'.join(lines)
 
 

@@ -151,8 +151,17 @@ def test_one_scope_per_suite_and_segments_to_sgd(runs, suite_results):
 
 def test_the_report_tabulates_and_plots_flatness(suite_results):
   results_dir, _ = suite_results
+  sgd = _flatness(results_dir, 'sgd_replica_budget_seed0')
+  other = dict(sgd, settings=dict(sgd['settings'], examples=96))
+  other['models'] = {'reference': dict(sgd['models']['reference'], loss=1.25)}
+  (results_dir / 'sgd_replica_budget_seed0' / 'flatness_96.json').write_text(json.dumps(other))
   sections = report.report(str(results_dir.parent), 'default_job')
-  rows = [line for line in sections['flatness'].splitlines() if line.startswith('| ')][1:]
+  assert (f"| loss | {sgd['models']['reference']['loss']:.4g} | 1.25 |"
+          in sections['flatness'].splitlines())
+  assert 'sgd_replica_budget_seed0, reference model, by the number of training images:' in (
+      sections['flatness'])
+  rows = [line for line in sections['flatness'].splitlines()
+          if ' | reference | ' in line or ' | replicas | ' in line]
   assert [row.split(' | ')[:3] for row in rows] == [
       ['| parle_n3', 'reference', '1'], ['| parle_n3', 'replicas', '1'],
       ['| sgd_replica_budget', 'reference', '1']]
@@ -198,4 +207,7 @@ def test_bad_workdirs_get_one_line_and_exit_1(tmp_path):
                                        f'({tmp_path}/reference): the run has not finished.')
   status, lines = _landscape_binary(f'--workdir={tmp_path}', '--radius=0')
   assert status == 1 and lines[-1] == 'error: --radius=0.0 must be > 0.'
+  status, lines = _landscape_binary(f'--workdir={tmp_path}', '--output=a/b.json')
+  assert status == 1 and lines[-1] == ("error: --output='a/b.json' must be a file name ending in "
+                                       '.json (it is written into the workdir).')
 
