@@ -510,7 +510,7 @@ def report(results_dir: str, suite: str) -> dict[str, str]:
       sections['flatness'] = report_flatness.markdown(
           report_flatness.table(group_runs(runs), flatness), flatness)
       sections['flatness'] += report_flatness.examples_markdown(suite_dir, flatness)
-      sections[''] += '\n## Flatness\n\n' + sections['flatness']
+      sections[''] += '\n### Flatness\n\n' + sections['flatness']
       report_flatness.plot(flatness, suite_dir)
   with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
     f.write(sections[''])

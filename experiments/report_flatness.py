@@ -105,8 +105,8 @@ def markdown(rows: Sequence[dict[str, Any]], flatness: dict[str, dict[str, Any]]
   settings = first['settings']
   gammas = sorted({round(f['gamma'], 6) for f in flatness.values()})
   records = [[f['provenance']] for f in flatness.values()]
-  lines += ['', f"Hessian figures on {settings['examples']} training images in eval mode (batch-norm "
-            f"statistics fixed): the {settings['num_eigenvalues']} largest eigenvalues (Lanczos, "
+  lines += ['', f"Hessian figures on {settings['examples']:,} training images in eval mode "
+            f"(batch-norm statistics fixed): the {settings['num_eigenvalues']} largest eigenvalues (Lanczos, "
             f"{settings['lanczos_iterations']} steps), the trace (Hutchinson, "
             f"{settings['trace_samples']} probes); sharpness: the loss increase within a "
             f"per-filter ball of radius {settings['radius']} (worst by {settings['ascent_steps']} "
