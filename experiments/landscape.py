@@ -68,7 +68,7 @@ class Settings:
   num_eigenvalues: int = 5
   lanczos_iterations: int = 32  # Hessian-vector products of the top eigenvalues
   trace_samples: int = 32  # Rademacher probes of the trace
-  density_probes: int = 1  # Lanczos runs of lanczos_iterations for the density (PyHessian's default)
+  density_probes: int = 1  # Lanczos runs for the density (PyHessian's default)
   density_points: int = 256
   radius: float = 0.05  # sharpness: relative radius of the per-filter ball
   ascent_steps: int = 10

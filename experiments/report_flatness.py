@@ -106,11 +106,13 @@ def markdown(rows: Sequence[dict[str, Any]], flatness: dict[str, dict[str, Any]]
   gammas = sorted({round(f['gamma'], 6) for f in flatness.values()})
   records = [[f['provenance']] for f in flatness.values()]
   lines += ['', f"Hessian figures on {settings['examples']:,} training images in eval mode "
-            f"(batch-norm statistics fixed): the {settings['num_eigenvalues']} largest eigenvalues (Lanczos, "
+            f"(batch-norm statistics fixed): the {settings['num_eigenvalues']} largest eigenvalues "
+            f"(Lanczos, "
             f"{settings['lanczos_iterations']} steps), the trace (Hutchinson, "
             f"{settings['trace_samples']} probes); sharpness: the loss increase within a "
             f"per-filter ball of radius {settings['radius']} (worst by {settings['ascent_steps']} "
-            f"ascent steps, random over {settings['random_perturbations']} directions); Gibbs loss: "
+            f"ascent steps, random over {settings['random_perturbations']} directions); "
+            f"Gibbs loss: "
             f"the mean loss of a Langevin chain ({settings['langevin_steps']} steps) around the "
             f"model at gamma = {', '.join(f'{g:.4g}' for g in gammas)}. "
             f'Measured on {provenance.describe_runs(records)}.', '']

@@ -153,7 +153,8 @@ def test_sharpness_grows_with_curvature_and_ascent_beats_random():
                                 key=jax.random.PRNGKey(2), num_steps=20)
              for s in (1.0, 10.0)]
   for result in results:
-    assert float(result.worst) > float(result.random_mean) + 3 * float(result.random_std) / np.sqrt(8)
+    random_error = float(result.random_std) / np.sqrt(8)
+    assert float(result.worst) > float(result.random_mean) + 3 * random_error
   # A loss scaled by 10 has 10x the curvature: the increases scale with it.
   np.testing.assert_allclose(float(results[1].worst), 10 * float(results[0].worst), rtol=0.05)
   np.testing.assert_allclose(float(results[1].random_mean), 10 * float(results[0].random_mean),

@@ -82,7 +82,9 @@ def _measure(*args, **kwargs):
 
 @pytest.fixture(scope='module')
 def suite_results(runs, tmp_path_factory):
-  """A default_job suite of the tiny runs, measured by suite.measure_flatness: (results dir, entries).
+  """The tiny runs as a default_job suite, measured by suite.measure_flatness.
+
+  Returns (results dir, entries).
 
   Its third run's workdir is gone, so it is skipped (with a warning).
   """
