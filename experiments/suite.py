@@ -209,8 +209,8 @@ def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_d
   """
   if name not in SUITES:
     raise ValueError(f'--suite={name!r} is unknown; choose one of {sorted(SUITES)}.')
-  trained, runs = [], []
-  for run, config in SUITES[name](seeds):
+  trained, runs, every_run = [], [], list(SUITES[name](seeds))
+  for run, config in every_run:
     if only and not any(run.startswith(prefix) for prefix in only):
       continue
     runs.append((run, config))
@@ -237,7 +237,8 @@ def run_suite(name: str, runs_dir: str, results_dir: str, seeds, only=(), data_d
     # vm.max_map_count, where the next compile segfaults.
     jax.clear_caches()
   if flatness is not None:
-    measure_flatness(name, runs, runs_dir, results_dir, flatness, data_dir)
+    measure_flatness(name, runs, runs_dir, results_dir, flatness, data_dir,
+                     gamma=suite_gamma(every_run))  # --only leaves the scope unchanged
   return trained
 
 
@@ -251,15 +252,17 @@ def suite_gamma(runs) -> Optional[float]:
 
 
 def measure_flatness(name: str, runs, runs_dir: str, results_dir: str,
-                     settings: landscape.Settings, data_dir: str = '') -> list[str]:
+                     settings: landscape.Settings, data_dir: str = '',
+                     gamma: Optional[float] = None) -> list[str]:
   """Writes ``flatness.json`` for the finished `runs` of suite `name` that lack one.
 
   Every run is measured at the same scope (:func:`suite_gamma`) on the same
   images; a Parle run also along the segment to the SGD run of its seed
   (:data:`SEGMENT_TO`). A run whose workdir no longer holds its reference is
-  skipped with a warning. Returns the names of the runs measured.
+  skipped with a warning. `gamma` (default: :func:`suite_gamma` of `runs`)
+  is the scope. Returns the names of the runs measured.
   """
-  gamma = suite_gamma(runs)
+  gamma = suite_gamma(runs) if gamma is None else gamma
   if settings.gamma is None and gamma is not None:
     settings = dataclasses.replace(settings, gamma=gamma)
   measured = []

@@ -213,3 +213,13 @@ def test_bad_workdirs_get_one_line_and_exit_1(tmp_path):
   assert status == 1 and lines[-1] == ("error: --output='a/b.json' must be a file name ending in "
                                        '.json (it is written into the workdir).')
 
+
+
+def test_a_suite_scope_is_its_parle_runs_final_gamma_in_closed_form():
+  """The paper budget: c_gamma = min(0.01 (1 + 0.5 / 469)^2345, 1) after 2,345 rounds."""
+  runs = list(suite.SUITES['fashion_mnist_lenet_paper']([0]))
+  expected = 1 / min(0.01 * (1 + 0.5 / 469) ** 2345, 1.0)
+  # The schedule runs in float32: 2,345 powers of a float32 growth factor, about 1.4e-4 relative.
+  assert suite.suite_gamma(runs) == pytest.approx(expected, rel=2e-4)
+  # Without a Parle run (e.g. --only=sgd), there is none: run_suite passes the whole suite's.
+  assert suite.suite_gamma([r for r in runs if r[1].optimizer != 'parle']) is None
