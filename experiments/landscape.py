@@ -270,13 +270,14 @@ def _examples(experiment: experiment_lib.Experiment, settings: Settings) -> dict
   return {k: v[chosen] for k, v in arrays.items()}
 
 
-def _losses(run: Run, variables: dict[str, Any], examples, settings: Settings):
+def _loss(run: Run, variables: dict[str, Any], examples, settings: Settings,
+          recompute_bn: bool = False):
+  """The model's loss on `examples`: BN statistics from `variables`, or recomputed per call."""
   experiment = run.experiment
   model_state = {k: v for k, v in variables.items() if k != 'params'}
-  kwargs = dict(mean=experiment.mean, std=experiment.std, batch_size=settings.batch_size)
-  return (evaluate.dataset_loss(experiment.model, model_state, examples, **kwargs),
-          evaluate.dataset_loss(experiment.model, model_state, examples,
-                                bn_batches=experiment.bn_batches, **kwargs))
+  return evaluate.dataset_loss(experiment.model, model_state, examples, mean=experiment.mean,
+                               std=experiment.std, batch_size=settings.batch_size,
+                               bn_batches=experiment.bn_batches if recompute_bn else None)
 
 
 def measure(workdir: str, settings: Settings = Settings(), *, against: Optional[str] = None,
@@ -300,7 +301,8 @@ def measure(workdir: str, settings: Settings = Settings(), *, against: Optional[
                  disable=not progress_bar) as bar:
     for name, variables in models:
       bar.set_description(name)
-      loss, bn_loss = _losses(run, variables, examples, settings)
+      loss = _loss(run, variables, examples, settings)
+      bn_loss = _loss(run, variables, examples, settings, recompute_bn=True)
       result['models'][name] = measure_model(loss, bn_loss, variables['params'], key, settings,
                                              gamma, bar)
     if against is not None:
@@ -315,7 +317,7 @@ def measure(workdir: str, settings: Settings = Settings(), *, against: Optional[
 def _against(run: Run, other: str, examples, settings: Settings, data_dir: str):
   other_run = Run.load(other, data_dir)
   _check_same_model(other_run.reference, run.reference, other)
-  _, bn_loss = _losses(run, run.reference, examples, settings)
+  bn_loss = _loss(run, run.reference, examples, settings, recompute_bn=True)
   alphas = np.linspace(-0.5, 1.5, settings.line_points, dtype=np.float32)
   losses = _segment(bn_loss, run.reference['params'], other_run.reference['params'], alphas)
   return {'workdir': os.path.abspath(other), 'alpha': _floats(alphas), 'loss': _floats(losses)}
