@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -29,27 +30,37 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_two_sigints_that_arrive_together_stop_at_once():
-  """CPython runs the handler once for signals that arrive while it runs C code."""
+  """CPython runs the Python handler once for signals that arrive together.
+
+  A helper thread sends both SIGINTs to itself (`pthread_kill`: each is
+  delivered, and its C-level handler run, before the call returns) while the
+  main thread waits in `join`, in C. With a switch interval longer than the
+  test, the helper keeps the GIL between the two sends, so the main thread
+  cannot run the Python handler in between, however loaded the machine is.
+  """
   stopped = False
-  with faults.StopSignals() as signals:
-    pid = os.getpid()
-    # The sender reports that it runs before it is told to go, so a loaded
-    # machine's process start-up does not eat into the window below.
-    sender = subprocess.Popen(
-        ['sh', '-c', f'echo ready; read go; kill -INT {pid}; sleep 0.05; kill -INT {pid}'],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-      assert sender.stdout.readline() == b'ready\n'
-      sender.stdin.write(b'go\n')
-      sender.stdin.flush()
-      sum(range(2 * 10**8))  # 3-4 s in C: no Python signal handler runs meanwhile
-      sender.wait(timeout=60)
-      time.sleep(0.5)
-    except KeyboardInterrupt:
-      stopped = True
-      sender.wait(timeout=60)
+  switch_interval = sys.getswitchinterval()
+  sys.setswitchinterval(100.0)
+
+  def send_two_sigints():
+    for _ in range(2):
+      signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+  try:
+    with faults.StopSignals() as signals:
+      sender = threading.Thread(target=send_two_sigints)
+      try:
+        sender.start()
+        sender.join()
+        for _ in range(100):  # the handler runs at the next bytecode boundaries
+          time.sleep(0.01)
+      except KeyboardInterrupt:
+        stopped = True
+        sender.join()
+  finally:
+    sys.setswitchinterval(switch_interval)
   assert stopped
-  assert signals.received is None, 'the handler saw the two SIGINTs apart: a slow machine?'
+  assert signals.received is None, 'the handler saw the two SIGINTs apart'
 
 
 # --- a workdir of another config ---------------------------------------------------
