@@ -48,11 +48,12 @@ class Experiment:
                    for split in (self.info.train_split, self.info.test_split)], 'data')
       self.mean, self.std = data.channel_stats(self.train_arrays['image'])
       num_train = len(self.train_arrays['label'])
-      self.plan = optimizers.make_plan(config, num_train, jax.device_count())
-      self.replicas = parle_jax.Replicas(self.plan.num_replicas,
-                                         devices=optimizers.select_devices(self.plan),
-                                         mapping=mapping or self.plan.mapping,
-                                       device_map=config.device_map)
+      island = config.devices_per_replica
+      self.plan = optimizers.make_plan(config, num_train, max(1, jax.device_count() // island))
+      self.replicas = parle_jax.Replicas(
+          self.plan.num_replicas, devices=optimizers.select_devices(self.plan, island),
+          mapping=mapping or self.plan.mapping, devices_per_replica=island,
+          device_map=None if config.device_map == 'auto' else config.device_map)
       if config.compare_to_sgd and jax.process_count() > 1:
         raise ValueError(
             f'config.compare_to_sgd=True is invalid with {jax.process_count()} processes: '
@@ -73,8 +74,10 @@ class Experiment:
 
   def _build_round(self, config, mapping=None):
     tx, couple = optimizers.make_optimizer(config, self.plan, self.replicas.axis_name)
+    loss_fn = training.classification_loss(
+        self.model, batch_norm_axis_name=self.replicas.data_axis_name)
     round_fn = parle_jax.make_round(
-        training.classification_loss(self.model), tx, self.replicas,
+        loss_fn, tx, self.replicas,
         L=self.plan.steps_per_round, couple=couple, mapping=mapping,
         batch_fn=data.make_batch_fn(self.plan.batch_size, augment=config.augment))
     return tx, round_fn

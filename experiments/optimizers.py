@@ -91,7 +91,11 @@ class Plan:
 
 
 def make_plan(config, num_train_examples: int, num_devices: int) -> Plan:
-  """Derives the :class:`Plan` from a (validated) experiment config."""
+  """Derives the :class:`Plan` from a (validated) experiment config.
+
+  `num_devices` counts the places a replica can go: devices, or islands of
+  ``config.devices_per_replica`` devices.
+  """
   optimizer = config.optimizer
   if optimizer not in OPTIMIZERS:
     raise ValueError(f'config.optimizer={optimizer!r} is unknown; choose one of {OPTIMIZERS}.')
@@ -119,6 +123,14 @@ def make_plan(config, num_train_examples: int, num_devices: int) -> Plan:
   if batch_size > examples:
     raise ValueError(f'config.batch_size={config.batch_size} exceeds the {examples} '
                      'training examples of a replica.')
+  island = config.get('devices_per_replica', 1)
+  if batch_size % island:
+    per_replica = (f'a worker\'s {batch_size} examples' if optimizer == 'data_parallel_sgd'
+                   else f'{batch_size} examples')
+    raise ValueError(
+        f'config.batch_size={config.batch_size} is invalid with config.devices_per_replica='
+        f'{island}: each device of a replica takes an equal share of its mini-batch, and '
+        f'{per_replica} do not split {island} ways; use a multiple of {island}.')
   batches_per_epoch = math.ceil(examples / batch_size)
   steps_per_round = config.L
   if optimizer in _ENTROPY_TYPE:
@@ -245,25 +257,34 @@ def sgd_config_with_same_budget(config, plan: Plan, *, per_replica: bool = False
   return sgd
 
 
-def select_devices(plan: Plan) -> list:
+def select_devices(plan: Plan, devices_per_replica: int = 1) -> list:
   """The devices the replicas run on: all of them, or fewer when there are fewer replicas.
 
-  With several processes, every process must hold replicas: fewer replicas
-  than devices take the same number of devices from each process.
+  A replica spans `devices_per_replica` devices (an island, inside one
+  process). With several processes, every process must hold replicas: fewer
+  replicas than islands take the same number of devices from each process.
   """
-  devices = jax.devices()
+  devices, k = jax.devices(), devices_per_replica
   n, processes = plan.num_replicas, jax.process_count()
-  if n < len(devices):
+  by_process = [[d for d in devices if d.process_index == p] for p in range(processes)]
+  if k > 1 and any(len(held) % k for held in by_process):
+    raise ValueError(
+        f'config.devices_per_replica={k} is invalid: a replica\'s devices must lie inside one '
+        f'process, and the {len(by_process[0])} devices of each of {processes} process(es) do '
+        f'not split into groups of {k}; use a divisor of {len(by_process[0])}.')
+  islands = len(devices) // k
+  if n < islands:
     if n % processes:
       raise ValueError(
           f'config.num_replicas={n} is invalid with {processes} processes of '
           f'{len(devices)} devices: every process must hold the same number of replicas; '
-          f'use a multiple of {processes} (or of {len(devices)}).')
-    per_process = n // processes
-    return [d for p in range(processes)
-            for d in [d for d in devices if d.process_index == p][:per_process]]
-  if n % len(devices):
+          f'use a multiple of {processes} (or of {islands}).')
+    per_process = n // processes * k
+    return [d for held in by_process for d in held[:per_process]]
+  if n % islands:
+    places = (f'{islands} devices' if k == 1 else
+              f'{islands} islands of {k} devices ({len(devices)} devices)')
     raise ValueError(
         f'config.num_replicas={n} is invalid: it must be a multiple of the '
-        f'{len(devices)} devices (or at most their number).')
+        f'{places} (or at most their number).')
   return devices

@@ -161,8 +161,11 @@ def _replica_pass(model, replicas, state, arrays, mean, std, batch_size, mapping
   """Sums over `arrays` of every replica's (``[n]``) and the ensemble's metrics."""
   fn = _replica_sums_fn(model, replicas, checks.choice('mapping', mapping, EVAL_MAPPINGS))
   mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-  outputs = [fn(state.params, state.model_state, batch, mean, std)
-             for batch in data_lib.eval_batches(arrays, batch_size)]
+  outputs = []
+  for batch in data_lib.eval_batches(arrays, batch_size):
+    outputs.append(fn(state.params, state.model_state, batch, mean, std))
+    if replicas.waits_for_each_call:
+      jax.block_until_ready(outputs[-1])
   per_replica, ensemble = None, None
   for replica_sums, ensemble_sums in outputs:
     per_replica = _add(per_replica, replicas.gather(replica_sums))

@@ -50,10 +50,15 @@ _BN_EPSILON = 1e-5
 _he_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
-  """Batch norm that normalises with batch statistics only in train mode."""
+def _batch_norm(train: bool, name: str | None = None,
+                axis_name: str | None = None) -> nn.BatchNorm:
+  """Batch norm that normalises with batch statistics only in train mode.
+
+  With `axis_name`, train-mode statistics are averaged over that mapped axis
+  (the devices of a replica's island), so they are those of the whole batch.
+  """
   return nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
-                      epsilon=_BN_EPSILON, name=name)
+                      epsilon=_BN_EPSILON, name=name, axis_name=axis_name if train else None)
 
 
 def _check_fields(module: nn.Module, *rates: str) -> None:
@@ -101,11 +106,15 @@ class LeNet(nn.Module):
   conv5x5(20)-BN-ReLU-maxpool3-dropout, conv5x5(50)-BN-ReLU-maxpool2-dropout,
   FC 500-BN-ReLU-dropout, FC ``num_classes``. Convolutions are VALID, so a
   28x28 input reaches the first dense layer as 2x2x50 = 200 features.
+  ``batch_norm_axis_name`` (here and in every model): the mapped axis over
+  which train-mode batch statistics are averaged (a replica's island, see
+  ``Replicas.data_axis_name``); None for the device's own batch.
   """
 
   num_classes: int = 10
   dropout: float = 0.25
   conv: str = 'auto'
+  batch_norm_axis_name: str | None = None
 
   def __post_init__(self) -> None:
     _check_fields(self, 'dropout')
@@ -116,12 +125,12 @@ class LeNet(nn.Module):
     conv = conv_lib.conv_general_dilated_fn(self.conv)
     for features, pool in ((20, 3), (50, 2)):
       x = nn.Conv(features, (5, 5), padding='VALID', conv_general_dilated=conv)(x)
-      x = nn.relu(_batch_norm(train)(x))
+      x = nn.relu(_batch_norm(train, axis_name=self.batch_norm_axis_name)(x))
       x = _max_pool(x, pool)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(500)(x)
-    x = nn.relu(_batch_norm(train)(x))
+    x = nn.relu(_batch_norm(train, axis_name=self.batch_norm_axis_name)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
 
@@ -133,11 +142,12 @@ class ConvBN(nn.Module):
   kernel_size: int
   strides: int = 1
   conv: str = 'auto'
+  batch_norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     x = _conv(self.features, self.kernel_size, self.strides, conv=self.conv)(x)
-    return nn.relu(_batch_norm(train)(x))
+    return nn.relu(_batch_norm(train, axis_name=self.batch_norm_axis_name)(x))
 
 
 class AllCNN(nn.Module):
@@ -154,6 +164,7 @@ class AllCNN(nn.Module):
   input_dropout: float = 0.2
   dropout: float = 0.5
   conv: str = 'auto'
+  batch_norm_axis_name: str | None = None
 
   def __post_init__(self) -> None:
     _check_fields(self, 'input_dropout', 'dropout')
@@ -161,7 +172,8 @@ class AllCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv_bn = functools.partial(ConvBN, conv=self.conv)
+    conv_bn = functools.partial(ConvBN, conv=self.conv,
+                                batch_norm_axis_name=self.batch_norm_axis_name)
     x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
     for features in (96, 192):
       x = conv_bn(features, 3)(x, train=train)
@@ -192,16 +204,17 @@ class WideBasicBlock(nn.Module):
   strides: int
   dropout: float
   conv: str = 'auto'
+  batch_norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    preact = nn.relu(_batch_norm(train, name='bn1')(x))
+    preact = nn.relu(_batch_norm(train, 'bn1', self.batch_norm_axis_name)(x))
     if x.shape[-1] != self.features or self.strides != 1:
       shortcut = _wrn_conv(self.features, 1, self.strides, 'shortcut', self.conv)(preact)
     else:
       shortcut = x
     y = _wrn_conv(self.features, 3, self.strides, 'conv1', self.conv)(preact)
-    y = nn.relu(_batch_norm(train, name='bn2')(y))
+    y = nn.relu(_batch_norm(train, 'bn2', self.batch_norm_axis_name)(y))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     y = _wrn_conv(self.features, 3, 1, 'conv2', self.conv)(y)
     return shortcut + y
@@ -220,6 +233,7 @@ class WideResNet(nn.Module):
   num_classes: int = 10
   dropout: float = 0.0
   conv: str = 'auto'
+  batch_norm_axis_name: str | None = None
 
   def __post_init__(self) -> None:
     if self.depth < 10 or (self.depth - 4) % 6 != 0:
@@ -238,8 +252,9 @@ class WideResNet(nn.Module):
         x = WideBasicBlock(features=multiplier * self.width,
                            strides=strides if block == 0 else 1,
                            dropout=self.dropout, conv=self.conv,
+                           batch_norm_axis_name=self.batch_norm_axis_name,
                            name=f'group{group}_block{block}')(x, train=train)
-    x = nn.relu(_batch_norm(train, name='bn_final')(x))
+    x = nn.relu(_batch_norm(train, 'bn_final', self.batch_norm_axis_name)(x))
     x = _global_avg_pool(x)
     return nn.Dense(self.num_classes, bias_init=nn.initializers.zeros, name='classifier')(x)
 

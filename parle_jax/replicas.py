@@ -13,6 +13,17 @@ replicas reduces over ``('device', 'replica')``.
 The device axis is mapped in one place only, :meth:`Replicas.pmap`: with
 ``jax.pmap`` (the default) or, with ``device_map='shard_map'``, with
 ``jax.jit`` of ``jax.shard_map`` over a ``jax.sharding.Mesh``.
+
+**Islands.** With ``devices_per_replica=k > 1`` a replica spans ``k``
+devices, an *island*: consecutive devices of one process (the ones with the
+fastest links). The devices form a 2-D mesh ``('device', 'data')`` of
+``I = D / k`` islands by ``k``; the leading axis of every replica array then
+counts islands, ``[I, R, ...]``, and each device of an island holds its
+island's copy. Inside the round each device takes ``batch / k`` of its
+replica's mini-batch and all-reduces the gradient over ``'data'`` (its
+island) every step; the coupling's all-reduce over ``('device', 'replica')``
+runs once per round, between the devices of equal position in the islands.
+Islands run under ``shard_map``; ``k = 1`` is the one-axis layout above.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from parle_jax import checks
 
 DEVICE_AXIS = 'device'
 REPLICA_AXIS = 'replica'
+DATA_AXIS = 'data'  # the devices of one island (devices_per_replica > 1)
 LOCAL_MAPPINGS = ('vmap', 'sequential')  # how one device runs its replicas
 MAPPINGS = LOCAL_MAPPINGS + ('auto',)  # 'auto': the faster, measured
 DEVICE_MAPS = ('pmap', 'shard_map')  # how the device axis is mapped
@@ -59,23 +71,48 @@ def local_mapping(requested: str, *, per_device: int, communicates_every_step: b
   return requested
 
 
+def islands_of(devices: Sequence[Any], devices_per_replica: int) -> list[list[Any]]:
+  """`devices` cut into islands of `devices_per_replica` consecutive devices of one process.
+
+  Devices keep their order; each process's devices (in that order) are cut
+  into consecutive groups, so an island never spans processes (hosts). Raises
+  ValueError, naming the numbers, when the devices do not divide.
+  """
+  k = devices_per_replica
+  by_process: dict[int, list[Any]] = {}
+  for device in devices:
+    by_process.setdefault(device.process_index, []).append(device)
+  for process, held in by_process.items():
+    if len(held) % k:
+      where = (f'process {process} holds {len(held)} of the {len(devices)} devices'
+               if len(by_process) > 1 else f'there are {len(held)} devices')
+      raise ValueError(
+          f'`devices_per_replica`={k} does not divide the devices: {where}, and an island '
+          'of devices_per_replica devices must lie inside one process (host). Choose a '
+          f'divisor of {len(held)}, or pass `devices`.')
+  return [held[i:i + k] for held in by_process.values() for i in range(0, len(held), k)]
+
+
 class Replicas:
   """``num_replicas`` replicas laid out over devices.
 
   Attributes:
     num_replicas: ``n``, replicas over all processes.
-    devices: the global devices the device axis runs over (all of them).
+    devices: the global devices the replicas run on (all of them).
     local_devices: this process's share of `devices`, in the same order.
-    per_device: ``R = n / D``, replicas per device.
+    devices_per_replica: ``k``, the devices one replica spans (an island).
+    islands: `devices` as ``I = D / k`` islands of ``k`` devices, each inside
+      one process; with ``k = 1`` one island per device.
+    per_device: ``R = n / I``, replicas per island (per device when ``k = 1``).
     mapping: how the ``R`` local replicas are mapped: ``'vmap'``,
       ``'sequential'`` or ``'auto'`` (chosen by measurement, see
       :mod:`parle_jax.rounds`).
     device_map: how the device axis is mapped: ``'pmap'`` (``jax.pmap``, the
-      default) or ``'shard_map'`` (``jax.jit`` of ``jax.shard_map`` over a
-      one-axis ``jax.sharding.Mesh`` of `devices`, for code built on ``jit``
-      with shardings). Both run the same per-device program and give the
-      same numbers; the arrays they take and return are the same global
-      ``[D, ...]`` arrays sharded over `devices`.
+      default for ``k = 1``) or ``'shard_map'`` (``jax.jit`` of
+      ``jax.shard_map`` over :attr:`mesh`, for code built on ``jit`` with
+      shardings; islands need it). Both run the same per-device program and
+      give the same numbers; the arrays they take and return are the same
+      global ``[I, ...]`` arrays sharded over the islands.
 
   Examples:
     >>> import jax, parle_jax
@@ -85,26 +122,48 @@ class Replicas:
   """
 
   def __init__(self, num_replicas: int, devices: Optional[Sequence[Any]] = None,
-               mapping: str = 'auto', *, device_map: str = 'pmap'):
+               mapping: str = 'auto', *, devices_per_replica: int = 1,
+               device_map: Optional[str] = None):
     checks.integer('num_replicas', num_replicas)
+    checks.integer('devices_per_replica', devices_per_replica)
+    self.devices_per_replica = k = int(devices_per_replica)
+    if device_map is None:
+      device_map = 'pmap' if k == 1 else 'shard_map'
     self.device_map = checks.choice('device_map', device_map, DEVICE_MAPS)
+    if k > 1 and self.device_map == 'pmap':
+      raise ValueError(
+          f"device_map='pmap' cannot run `devices_per_replica`={k}: islands need a 2-D mesh; "
+          "use device_map='shard_map' (or leave it None).")
     self.devices = list(jax.devices() if devices is None else devices)
     if not self.devices:
       raise ValueError('`devices` must name at least one device, got an empty list.')
-    if num_replicas % len(self.devices):
+    self.islands = islands_of(self.devices, k)
+    num_islands = len(self.islands)
+    if num_replicas % num_islands:
+      if k == 1:
+        raise ValueError(
+            f'`num_replicas`={num_replicas} is not divisible by the number of '
+            f'devices ({len(self.devices)}): each device must hold the same number '
+            'of replicas. Choose a multiple of the device count or pass `devices`.')
       raise ValueError(
-          f'`num_replicas`={num_replicas} is not divisible by the number of '
-          f'devices ({len(self.devices)}): each device must hold the same number '
-          'of replicas. Choose a multiple of the device count or pass `devices`.')
+          f'`num_replicas`={num_replicas} is not divisible by the number of islands '
+          f'({num_islands} = {len(self.devices)} devices / devices_per_replica {k}): each '
+          f'island must hold the same number of replicas. Choose a multiple of {num_islands}, '
+          f'or pass num_replicas x {k} devices.')
     self.num_replicas = int(num_replicas)
     self.mapping = check_mapping(mapping)
-    self.per_device = self.num_replicas // len(self.devices)
+    self.per_device = self.num_replicas // num_islands
     self.local_devices = [d for d in self.devices
                           if d.process_index == jax.process_index()]
+    self._local_islands = [i for i, island in enumerate(self.islands)
+                           if island[0].process_index == jax.process_index()]
 
   def __repr__(self):
-    return (f'Replicas(num_replicas={self.num_replicas}, devices={len(self.devices)}, '
-            f'per_device={self.per_device}, mapping={self.mapping!r}, '
+    islands = (f', devices_per_replica={self.devices_per_replica} (mesh '
+               f"{len(self.islands)} 'device' x {self.devices_per_replica} 'data')"
+               if self.devices_per_replica > 1 else '')
+    return (f'Replicas(num_replicas={self.num_replicas}, devices={len(self.devices)}'
+            f'{islands}, per_device={self.per_device}, mapping={self.mapping!r}, '
             f'device_map={self.device_map!r})')
 
   @property
@@ -112,9 +171,19 @@ class Replicas:
     return len(self.devices)
 
   @property
+  def num_islands(self) -> int:
+    """``I``: the leading axis of replica arrays (the device count when ``k = 1``)."""
+    return len(self.islands)
+
+  @property
+  def num_local_islands(self) -> int:
+    """Islands on this process: the leading axis of what it holds."""
+    return len(self._local_islands)
+
+  @property
   def num_local_replicas(self) -> int:
     """Replicas whose state this process holds."""
-    return len(self.local_devices) * self.per_device
+    return self.num_local_islands * self.per_device
 
   @property
   def axis_name(self):
@@ -122,42 +191,95 @@ class Replicas:
     return None if self.num_replicas == 1 else (DEVICE_AXIS, REPLICA_AXIS)
 
   @property
+  def data_axis_name(self) -> Optional[str]:
+    """The axis of an island's devices (``'data'``); None when a replica has one device.
+
+    A model's batch norm reduces its batch statistics over it in train mode
+    (e.g. ``models.LeNet(batch_norm_axis_name=replicas.data_axis_name)``), so
+    that ``k`` devices compute what one device computes.
+    """
+    return DATA_AXIS if self.devices_per_replica > 1 else None
+
+  @property
   def local_replica_ids(self) -> np.ndarray:
     """Global indices of the replicas this process holds, in storage order."""
-    ids = [self.devices.index(d) * self.per_device + r
-           for d in self.local_devices for r in range(self.per_device)]
+    ids = [island * self.per_device + r
+           for island in self._local_islands for r in range(self.per_device)]
     return np.asarray(ids, np.int32)
+
+  @property
+  def waits_for_each_call(self) -> bool:
+    """Whether callers should wait for each mapped call before dispatching the next.
+
+    True for ``shard_map`` on CPU devices: XLA:CPU runs the devices of one
+    process on one thread pool, and with many programs with collectives in
+    flight (measured: 40 evaluation batches over 8 devices on 2 cores) a
+    device can start the next program while the others still wait for it in
+    an all-reduce, until XLA aborts the process after 40 s.
+    """
+    return self.device_map == 'shard_map' and self.devices[0].platform == 'cpu'
+
+  # --- inside the round: an island's share ------------------------------------
+  def batch_share(self, batch: Any) -> Any:
+    """This device's ``batch / k`` examples of its replica's mini-batch (inside :meth:`pmap`).
+
+    Device ``j`` of an island takes examples ``[j B / k, (j + 1) B / k)`` of
+    the leading axis; with ``k = 1`` the batch itself.
+    """
+    k = self.devices_per_replica
+    if k == 1:
+      return batch
+
+    def share(x):
+      if x.shape[0] % k:
+        raise ValueError(f'a mini-batch of {x.shape[0]} examples does not split over the '
+                         f'devices_per_replica={k} devices of an island; use a batch size '
+                         f'divisible by {k}.')
+      size = x.shape[0] // k
+      return lax.dynamic_slice_in_dim(x, lax.axis_index(DATA_AXIS) * size, size, axis=0)
+    return jax.tree.map(share, batch)
+
+  def island_mean(self, tree: Any) -> Any:
+    """The mean over an island's devices (inside :meth:`pmap`); `tree` when ``k = 1``."""
+    return tree if self.devices_per_replica == 1 else lax.pmean(tree, DATA_AXIS)
 
   # --- moving data -----------------------------------------------------------
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:
-    """The one-axis mesh ``('device',)`` of `devices` that replica arrays are sharded over."""
-    return jax.sharding.Mesh(np.asarray(self.devices), (DEVICE_AXIS,))
+    """The mesh replica arrays are sharded over.
+
+    One axis ``('device',)`` of `devices`; with islands, ``('device', 'data')``
+    of shape ``[I, k]`` (replica arrays are replicated over ``'data'``).
+    """
+    if self.devices_per_replica == 1:
+      return jax.sharding.Mesh(np.asarray(self.devices), (DEVICE_AXIS,))
+    return jax.sharding.Mesh(np.asarray(self.islands), (DEVICE_AXIS, DATA_AXIS))
 
   @functools.cached_property
   def _device_sharding(self) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(DEVICE_AXIS))
 
   def _put(self, local: np.ndarray) -> jax.Array:
-    """``[D_local, ...]`` host data -> a global ``[D, ...]`` array on the devices."""
-    return jax.make_array_from_process_local_data(self._device_sharding, local)
+    """``[I_local, ...]`` host data -> a global ``[I, ...]`` array on the devices."""
+    return jax.make_array_from_process_local_data(
+        self._device_sharding, local, (self.num_islands,) + local.shape[1:])
 
   def shard(self, tree: Any) -> Any:
-    """``[n_local, ...]`` arrays -> ``[D, R, ...]`` arrays on the devices."""
+    """``[n_local, ...]`` arrays -> ``[I, R, ...]`` arrays on the devices."""
     def put(x):
       x = np.asarray(x)
       if x.ndim == 0 or x.shape[0] != self.num_local_replicas:
         raise ValueError(
             f'expected a leading replica axis of {self.num_local_replicas}, got '
             f'an array of shape {x.shape}.')
-      return self._put(x.reshape((len(self.local_devices), self.per_device) + x.shape[1:]))
+      return self._put(x.reshape((self.num_local_islands, self.per_device) + x.shape[1:]))
     return jax.tree.map(put, tree)
 
   def broadcast(self, tree: Any) -> Any:
-    """The same arrays on every device: ``[D, ...]``, one copy per device."""
+    """The same arrays on every device: ``[I, ...]``, one copy per device."""
     def put(x):
       x = np.asarray(x)
-      return self._put(np.broadcast_to(x, (len(self.local_devices),) + x.shape))
+      return self._put(np.broadcast_to(x, (self.num_local_islands,) + x.shape))
     return jax.tree.map(put, tree)
 
   def to_global(self, tree: Any) -> Any:
@@ -174,35 +296,41 @@ class Replicas:
     def to_global(x):
       if not isinstance(x, jax.Array) or not x.is_fully_addressable:
         return x
-      if x.ndim == 0 or x.shape[0] != len(self.local_devices):
-        raise ValueError(f'expected a leading device axis of {len(self.local_devices)} '
+      if x.ndim == 0 or x.shape[0] != self.num_local_islands:
+        raise ValueError(f'expected a leading device axis of {self.num_local_islands} '
                          f'(this process\'s devices), got an array of shape {x.shape}.')
       return jax.make_array_from_single_device_arrays(
-          (self.num_devices,) + x.shape[1:], self._device_sharding,
+          (self.num_islands,) + x.shape[1:], self._device_sharding,
           [shard.data for shard in x.addressable_shards])
     return jax.tree.map(to_global, tree)
 
   def check_stacked(self, tree: Any, name: str = 'state') -> None:
-    """Raises ValueError unless every leaf of `tree` has leading axes ``[D, R]``.
+    """Raises ValueError unless every leaf of `tree` has leading axes ``[I, R]``.
 
-    ``D`` counts all devices (global arrays, as :meth:`shard` makes them) or
-    this process's (what ``jax.pmap`` returns with several processes). Checked
-    where stacked arrays come in, so that a wrong layout is named instead of
-    failing as a shape error inside the mapped program.
+    ``I`` counts all islands (devices when ``k = 1``; global arrays, as
+    :meth:`shard` makes them) or this process's (what ``jax.pmap`` returns
+    with several processes). Checked where stacked arrays come in, so that a
+    wrong layout is named instead of failing as a shape error inside the
+    mapped program.
     """
-    allowed = {(self.num_devices, self.per_device), (len(self.local_devices), self.per_device)}
+    allowed = {(self.num_islands, self.per_device), (self.num_local_islands, self.per_device)}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       if tuple(np.shape(leaf)[:2]) not in allowed:
         raise ValueError(
             f'{name}{jax.tree_util.keystr(path)} has leading axes {tuple(np.shape(leaf)[:2])}; '
-            f'the replicas need [D, R] = {list((self.num_devices, self.per_device))} (devices, '
+            f'the replicas need [D, R] = {list((self.num_islands, self.per_device))} (devices, '
             'replicas per device).')
 
   def unshard(self, tree: Any) -> Any:
-    """``[D, R, ...]`` device arrays -> ``[n_local, ...]`` NumPy arrays."""
+    """``[I, R, ...]`` device arrays -> ``[n_local, ...]`` NumPy arrays.
+
+    An island's devices hold copies of one block: each block is read once.
+    """
     def get(x):
-      shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-      host = np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+      blocks = {}
+      for shard in x.addressable_shards:
+        blocks.setdefault(shard.index[0].start or 0, shard.data)
+      host = np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)], axis=0)
       return host.reshape((-1,) + host.shape[2:])
     return jax.tree.map(get, tree)
 
@@ -215,7 +343,9 @@ class Replicas:
     device's block ``[1, ...]`` of an argument mapped on axis 0 is handed to
     `fn` without its leading axis (arguments with ``in_axes`` None whole), and
     `fn`'s outputs are stacked back on a leading device axis, as ``pmap``
-    does. `in_axes` is 0, None, or a tuple of those, one per argument.
+    does. `in_axes` is 0, None, or a tuple of those, one per argument. With
+    islands, every device of an island gets the island's block, ``'data'``
+    is bound inside `fn`, and `fn` must return the same on all of them.
     """
     if self.device_map == 'pmap':
       return jax.pmap(fn, axis_name=DEVICE_AXIS, in_axes=in_axes,

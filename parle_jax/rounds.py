@@ -137,9 +137,20 @@ def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
   Returns:
     A :class:`RoundFn`: ``round_fn(state, data) -> (state, metrics)`` (plus the
     reference when asked), with metrics of shape ``[D, R, L]``.
+
+  With islands (``replicas.devices_per_replica = k > 1``), each device of a
+  replica's island takes its ``B / k`` examples of every mini-batch
+  (:meth:`Replicas.batch_share`; all draw the same whole batch), draws
+  dropout from the step's key folded with its index in the island, and the
+  island averages the gradient, loss and metrics (one all-reduce over
+  ``'data'`` per step) before `tx` runs, so `tx` and `couple` see what one
+  device would. `loss_fn`'s batch norm must reduce its statistics over
+  ``replicas.data_axis_name`` (e.g. ``classification_loss(model,
+  batch_norm_axis_name=...)``) for train-mode statistics of the whole batch.
   """
   checks.integer('L', L)
   mapping = replicas_lib.check_mapping(replicas.mapping if mapping is None else mapping)
+  islands = replicas.devices_per_replica > 1
 
   def replica_round(replica_id, state: ReplicaState, data):
     """The inner steps of one replica (no collectives)."""
@@ -151,8 +162,13 @@ def make_round(loss_fn: LossFn, tx: optax.GradientTransformation,
       if batch_fn is not None:
         batch = batch_fn(data, data_key, step_count, replica_id)
       rng = jax.random.fold_in(loss_key, step_count)
+      if islands:  # this device's share of the batch, its own dropout key
+        batch = replicas.batch_share(batch)
+        rng = jax.random.fold_in(rng, lax.axis_index(replicas_lib.DATA_AXIS))
       (loss, (model_state, metrics)), grads = jax.value_and_grad(
           loss_fn, has_aux=True)(params, model_state, batch, rng)
+      # The island's all-reduce: the gradient (and metrics) of the whole mini-batch.
+      loss, metrics, grads = replicas.island_mean((loss, metrics, grads))
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       return (step_count + 1, params, opt_state, model_state), dict(metrics, loss=loss)

@@ -8,7 +8,7 @@ Bridges Flax modules (``model.apply(variables, images, train=...)`` with
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -18,13 +18,24 @@ import optax
 from parle_jax import models, rounds
 
 
-def classification_loss(model: nn.Module) -> rounds.LossFn:
+def classification_loss(model: nn.Module, *,
+                        batch_norm_axis_name: Optional[str] = None) -> rounds.LossFn:
   """Mean softmax cross-entropy of `model` in train mode, with its error rate.
 
   The batch is ``{'image': float [B, H, W, C], 'label': int [B]}``;
   ``model_state`` holds the replica's ``batch_stats`` (updated, never shared
-  across replicas); ``rng`` drives dropout.
+  across replicas); ``rng`` drives dropout. `batch_norm_axis_name` (a model
+  of :mod:`parle_jax.models`; ``replicas.data_axis_name`` for replicas that
+  span several devices) makes the train-mode batch statistics those of the
+  whole mini-batch of an island.
   """
+  if batch_norm_axis_name is not None:
+    if not hasattr(model, 'batch_norm_axis_name'):
+      raise ValueError(
+          f'batch_norm_axis_name={batch_norm_axis_name!r} needs a model with a '
+          f'`batch_norm_axis_name` field (those of parle_jax.models); {type(model).__name__} '
+          'has none: give its BatchNorm layers axis_name instead.')
+    model = model.clone(batch_norm_axis_name=batch_norm_axis_name)
 
   def loss_fn(params, model_state, batch, rng):
     logits, new_model_state = model.apply(

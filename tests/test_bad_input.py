@@ -62,7 +62,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
     ('data_dir', None, 'config.data_dir=None is invalid: must be a path'),
     ('progress_bar', None, 'config.progress_bar=None is invalid: must be True or False'),
     ('conv', 'cudnn', r"config.conv='cudnn' is invalid: choose one of \['auto', 'xla', 'matmul'\]"),
-    ('device_map', 'xmap', r"config.device_map='xmap' is invalid: choose one of \['pmap', "),
+    ('device_map', 'xmap', r"config.device_map='xmap' is invalid: choose one of \['auto', 'pmap', "),
     ('outer_learning_rate', -0.7, 'config.outer_learning_rate=-0.7 is invalid: must be a finite'),
     ('outer_momentum', 1.0, r'config.outer_momentum=1.0 is invalid: must be in \[0, 1\)'),
 ])

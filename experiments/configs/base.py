@@ -53,7 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.noise = 0.0
   config.mapping = 'auto'  # local replica mapping: auto | vmap | sequential
-  config.device_map = 'pmap'  # the device axis: pmap | shard_map (jit over a Mesh)
+  # The device axis: auto (pmap; shard_map for islands) | pmap | shard_map (jit over a Mesh).
+  config.device_map = 'auto'
+  # Devices one replica spans (an island, data-parallel inside: batch_size / k each, the
+  # gradient all-reduced over the island every step); the replicas couple across islands.
+  config.devices_per_replica = 1
   # Convolutions: auto (one matmul over patches on CPU, the backend's own elsewhere) |
   # xla | matmul (parle_jax.conv). A resumed run keeps what 'auto' chose at its start.
   config.conv = 'auto'
@@ -90,7 +94,7 @@ def _is_number(value) -> bool:
 _INTEGERS = {
     'L': (1, ''), 'batch_size': (1, ''), 'bn_recompute_batches': (1, ''),
     'eval_batch_size': (1, ''), 'checkpoint_every_rounds': (1, ''), 'keep_checkpoints': (1, ''),
-    'log_every_rounds': (1, ''), 'seed': (0, ''),
+    'log_every_rounds': (1, ''), 'seed': (0, ''), 'devices_per_replica': (1, ''),
     'scoping_batches_per_epoch': (0, " (0: the data's batches per epoch)"),
     'eval_every_rounds': (0, ' (0: once per epoch)'),
     'train_eval_examples': (0, ' (0: no train error)'),
@@ -140,7 +144,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field, choices in (('dataset', sorted(data.DATASETS)), ('model', list(models.MODELS)),
                          ('optimizer', list(OPTIMIZERS)), ('mapping', list(MAPPINGS)),
                          ('conv', list(CONV_IMPLEMENTATIONS)),
-                         ('device_map', list(DEVICE_MAPS)),
+                         ('device_map', ['auto'] + list(DEVICE_MAPS)),
                          ('on_divergence', list(ON_DIVERGENCE))):
     if not isinstance(config[field], str) or config[field] not in choices:
       fail(field, f'choose one of {choices}')
@@ -160,6 +164,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if (not isinstance(drops, (tuple, list)) or not all(_is_number(e) and e > 0 for e in drops)
       or list(drops) != sorted(drops)):
     fail('lr_drop_epochs', 'must be increasing positive epochs')
+  if config.devices_per_replica > 1 and config.device_map == 'pmap':
+    fail('device_map', f'config.devices_per_replica={config.devices_per_replica} needs a 2-D mesh: '
+         "use 'shard_map' or 'auto'")
   for field in ('augment', 'progress_bar', 'compare_to_sgd'):
     if not isinstance(config[field], bool):
       fail(field, 'must be True or False')
