@@ -92,11 +92,13 @@ def test_every_replayed_run_of_this_work_names_its_commit_and_cpu():
 def test_a_config_logged_before_a_field_existed_replays_with_that_fields_default():
   from experiments.configs import base
   logged = base.get_config().to_dict()
-  del logged['device_map'], logged['mapping']
+  del logged['device_map'], logged['mapping'], logged['devices_per_replica']
   logged['L'] = 7
   config, added = replay.with_defaults(logged)
-  assert added == ['device_map', 'mapping']
-  assert config.device_map == 'pmap' and config.mapping == 'auto' and config.L == 7
+  assert added == ['device_map', 'devices_per_replica', 'mapping']
+  # 'auto' maps one device per replica with pmap, as runs logged before it did.
+  assert (config.device_map, config.devices_per_replica, config.mapping, config.L) == (
+      'auto', 1, 'auto', 7)
   base.validate(config)
 
 
