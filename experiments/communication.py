@@ -1,8 +1,8 @@
 r"""What Parle and the baselines (data-parallel SGD, Elastic-SGD, local SGD, DiLoCo) send.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.communication
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.communication
 
-Three parts, printed as tables:
+Four parts, printed as tables:
 
 1. **Accounting** (exact, from the model size and the schedule): all-reduces
    and bytes per epoch. Every all-reduce carries one float32 copy of the
@@ -27,6 +27,17 @@ Three parts, printed as tables:
    epochs of data-parallel SGD against 125 effective epochs of Parle). It
    ignores any overlap of communication with compute (which helps
    data-parallel SGD more than Parle).
+4. **Islands** (``parle_jax.Replicas(devices_per_replica=k)``: a replica
+   spans ``k`` devices, ``n`` islands): the exact all-reduces per round inside
+   the islands (``n L`` gradient all-reduces of ``4 P``, each over ``k``
+   devices) and between them (per coupling ``k`` parallel all-reduces of
+   ``4 P``, one per device position, among ``n`` devices: once per round for
+   Parle, local SGD and DiLoCo, every step for Elastic-SGD and data-parallel
+   SGD); the compiled check for ``n = 2 x k = 4`` (8 devices), whose
+   all-reduces are classified by their ``replica_groups``; and a model of
+   islands joined by a link ``ratio`` times slower than the links inside them,
+   Parle over islands against one data-parallel job over all ``n k`` devices
+   (see :func:`island_network_model`).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -68,6 +79,14 @@ def define_flags() -> None:
   flags.DEFINE_float('latency_us', 5.0, 'Per-hop latency of the ring all-reduce, microseconds.')
   flags.DEFINE_bool('check_compiled', True, 'Count the all-reduces in the compiled rounds '
                     '(needs --replicas devices, e.g. fake CPU devices via XLA_FLAGS).')
+  flags.DEFINE_list('islands', ['2x8', '4x4'], 'NxK: N replicas (islands) of K devices, for '
+                    'the island accounting and model.')
+  flags.DEFINE_list('slow_link_ratios', ['10', '30', '100'], 'Links inside an island over '
+                    'the links between islands (bandwidth ratio), for the island model.')
+  flags.DEFINE_float('fast_gbps', 3600.0, 'Bandwidth inside an island, Gb/s per device '
+                     '(NVLink-class).')
+  flags.DEFINE_string('island_check', '2x4', 'NxK of the compiled island check (needs N*K '
+                      "devices; '' skips it).")
 
 
 def parameter_count(model_name: str) -> int:
@@ -156,13 +175,175 @@ def network_model(*, num_parameters: int, num_examples: int, batch_size: int, L:
 
 
 # ---------------------------------------------------------------------------
+# Islands: replicas of k devices each (parle_jax.Replicas(devices_per_replica=k)).
+
+EVERY_STEP_BETWEEN = ('elastic_sgd', 'data_parallel_sgd')  # couple the islands every step
+
+
+@dataclasses.dataclass(frozen=True)
+class IslandAccounting:
+  """All-reduces of one optimizer per round of ``L`` steps, ``n`` islands of ``k`` devices.
+
+  Each all-reduce of one group of devices counts once and carries ``4 P``
+  bytes. Inside: every step each island all-reduces its gradient over its
+  ``k`` devices (``n L`` per round, all islands together). Between: a
+  coupling (once per round for Parle, local SGD and DiLoCo; every step for
+  Elastic-SGD and for data-parallel SGD, whose ``n k`` devices are one job)
+  runs, as implemented, ``k`` parallel all-reduces of ``4 P``, one per device
+  position, each among the ``n`` devices of that position: ``c k`` per round
+  for ``c`` couplings. A hierarchical all-reduce (reduce-scatter inside the
+  island, all-reduce of ``4 P / k`` between, all-gather) would send ``c 4 P``
+  between the islands instead of ``c k 4 P``.
+  """
+
+  optimizer: str
+  num_islands: int  # n, one replica (data-parallel SGD: one worker) each
+  devices_per_replica: int  # k
+  L: int
+  bytes_per_allreduce: int  # 4 P
+
+  @property
+  def couplings_per_round(self) -> int:
+    """Between-island couplings per round: ``L`` or 1 (0 for one island)."""
+    if self.num_islands == 1:
+      return 0
+    return self.L if self.optimizer in EVERY_STEP_BETWEEN else 1
+
+  @property
+  def inside_allreduces_per_round(self) -> int:
+    """``n L`` gradient all-reduces over ``k`` devices (0 for ``k = 1``)."""
+    return self.num_islands * self.L if self.devices_per_replica > 1 else 0
+
+  @property
+  def inside_bytes_per_round(self) -> int:
+    return self.inside_allreduces_per_round * self.bytes_per_allreduce
+
+  @property
+  def between_allreduces_per_round(self) -> int:
+    """``c k`` all-reduces among ``n`` devices, ``k`` in parallel per coupling."""
+    return self.couplings_per_round * self.devices_per_replica
+
+  @property
+  def between_bytes_per_round(self) -> int:
+    return self.between_allreduces_per_round * self.bytes_per_allreduce
+
+  @property
+  def hierarchical_between_bytes_per_round(self) -> int:
+    """What a hierarchical all-reduce would send between the islands: ``c 4 P``."""
+    return self.couplings_per_round * self.bytes_per_allreduce
+
+
+def island_accounting(optimizer: str, *, num_parameters: int, num_islands: int,
+                      devices_per_replica: int, L: int) -> IslandAccounting:
+  """The exact all-reduces per round over islands; see :class:`IslandAccounting`."""
+  if optimizer not in COMMUNICATING:
+    raise ValueError(f'optimizer={optimizer!r}: choose one of {COMMUNICATING}.')
+  for name, value in (('num_parameters', num_parameters), ('num_islands', num_islands),
+                      ('devices_per_replica', devices_per_replica), ('L', L)):
+    if value < 1:
+      raise ValueError(f'{name}={value!r} must be >= 1.')
+  return IslandAccounting(optimizer, num_islands, devices_per_replica, L,
+                          BYTES_PER_PARAMETER * num_parameters)
+
+
+def parse_islands(specs: Sequence[str]) -> list[tuple[int, int]]:
+  """``['2x8', '4x4']`` -> ``[(2, 8), (4, 4)]``: ``n`` islands (replicas) x ``k`` devices."""
+  layouts = []
+  for spec in specs:
+    match = re.fullmatch(r'\s*(\d+)\s*x\s*(\d+)\s*', spec)
+    if not match or min(int(match.group(1)), int(match.group(2))) < 1:
+      raise ValueError(f"islands={spec!r}: expected NxK with N, K >= 1, e.g. '2x8'.")
+    layouts.append((int(match.group(1)), int(match.group(2))))
+  return layouts
+
+
+def island_network_model(*, num_parameters: int, num_examples: int, batch_size: int, L: int,
+                         step_seconds: float, islands: Sequence[tuple[int, int]],
+                         slow_link_ratios: Sequence[float], fast_gbps: float, latency_s: float,
+                         sgd_epochs: float = 200, parle_effective_epochs: float = 125
+                         ) -> list[dict[str, Any]]:
+  """A model (not a measurement) of Parle over islands against one data-parallel job.
+
+  ``n`` islands of ``k`` devices; links inside an island of `fast_gbps` per
+  device, between islands ``fast_gbps / ratio`` per device (each device of an
+  island has its own share of the slow link). Per step, with ``t`` =
+  `step_seconds` (one device, batch `batch_size`) split over ``k`` devices
+  as ``t / k`` (optimistic: perfect scaling inside an island) and ``ring`` =
+  :func:`ring_allreduce_seconds`:
+
+  * data-parallel SGD over all ``n k`` devices, global batch ``n b``
+    (``b / k`` per device, as for Parle), with a hierarchical all-reduce
+    (reduce-scatter inside the island, all-reduce of ``4 P / k`` between,
+    all-gather; its best case): ``t / k + ring(4P, k, fast) + ring(4P / k,
+    n, slow)``;
+  * Parle, ``n`` replicas of batch ``b``: ``t / k + ring(4P, k, fast) +
+    ring(4P, n, slow) / L`` (its coupling as implemented: ``k`` parallel
+    rings of ``4 P``, one per device position).
+
+  Epochs: ``ceil(N / (n b))`` steps of data-parallel SGD, ``ceil(N / b)``
+  steps of Parle (one effective epoch); budgets as :func:`network_model`.
+  No overlap of communication and compute.
+  """
+  rows = []
+  four_p = BYTES_PER_PARAMETER * num_parameters
+  for ratio in slow_link_ratios:
+    slow_gbps = fast_gbps / ratio
+    for n, k in islands:
+      compute = step_seconds / k
+      inside = ring_allreduce_seconds(four_p, k, fast_gbps, latency_s)
+      dp_between = ring_allreduce_seconds(four_p / k, n, slow_gbps, latency_s)
+      parle_between = ring_allreduce_seconds(four_p, n, slow_gbps, latency_s) / L
+      dp_step = compute + inside + dp_between
+      parle_step = compute + inside + parle_between
+      row = {
+          'slow_link_ratio': ratio, 'slow_gbps': slow_gbps, 'islands': n,
+          'devices_per_replica': k, 'compute_s': compute, 'inside_s': inside,
+          'dp_sgd_between_s': dp_between, 'parle_between_s': parle_between,
+          'dp_sgd_step_s': dp_step, 'parle_step_s': parle_step,
+          'dp_sgd_between_share': dp_between / dp_step,
+          'parle_between_share': parle_between / parle_step,
+          'step_speedup': dp_step / parle_step,
+          'dp_sgd_epoch_s': math.ceil(num_examples / (n * batch_size)) * dp_step,
+          'parle_epoch_s': math.ceil(num_examples / batch_size) * parle_step,
+      }
+      row['dp_sgd_budget_s'] = sgd_epochs * row['dp_sgd_epoch_s']
+      row['parle_budget_s'] = parle_effective_epochs * row['parle_epoch_s']
+      rows.append(row)
+  return rows
+
+
+# ---------------------------------------------------------------------------
 # The compiled programs.
 
 _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
-_ALLREDUCE = re.compile(r'=\s*(.+?)\s+all-reduce(?:-start)?\(')
+_ALLREDUCE = re.compile(r'%?([\w.\-]+)\s*=\s*(.+?)\s+all-reduce(?:-start)?\(')
 _SHAPE = re.compile(r'\b(?:f|bf|s|u|pred)\d*\[([\d,]*)\]')
 _CALLED = re.compile(r'(?:body|condition|to_apply|calls|branch_computations|'
                      r'true_computation|false_computation)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)')
+_GROUPS_LIST = re.compile(r'replica_groups=\{((?:\s*\{[\d,\s]*\}\s*,?)*)\}')
+_GROUPS_IOTA = re.compile(
+    r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?')
+
+
+class AllReduce(NamedTuple):
+  """One all-reduce instruction of a compiled HLO module.
+
+  Attributes:
+    name: the instruction's name (``all-reduce.3``, ``psum.12``).
+    in_loop: whether it lies in a while loop's body (or a computation the
+      body calls): in a round, inside the ``lax.scan`` of ``L`` steps, so it
+      runs ``L`` times a round; the others run once.
+    elements: its payload, in elements (summed over the operands of a
+      combined all-reduce); each of its groups reduces that many.
+    groups: its replica groups, device ids (positions in the module's device
+      assignment); each group all-reduces among itself, in parallel with the
+      others. ``()`` for ``replica_groups={}``: all devices in one group.
+  """
+
+  name: str
+  in_loop: bool
+  elements: int
+  groups: tuple[tuple[int, ...], ...]
 
 
 def _computations(hlo_text: str) -> dict[str, list[str]]:
@@ -178,19 +359,8 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
   return computations
 
 
-def _elements(result_type: str) -> int:
-  return sum(math.prod(int(d) for d in dims.split(',') if d) for dims in
-             _SHAPE.findall(result_type))
-
-
-def count_allreduces(hlo_text: str) -> dict[str, int]:
-  """All-reduce instructions of a compiled module, inside and outside its loops.
-
-  Returns ``in_loop`` / ``outside`` (instruction counts) and
-  ``in_loop_elements`` / ``outside_elements`` (their payloads, in elements).
-  Loop bodies include every computation they call.
-  """
-  computations = _computations(hlo_text)
+def _loop_computations(computations: dict[str, list[str]]) -> set[str]:
+  """The names of the while loops' bodies and of every computation they call."""
   called = {name: {c.strip().lstrip('%') for m in _CALLED.findall('\n'.join(lines))
                    for c in m.split(',')} for name, lines in computations.items()}
   loop_bodies = set()
@@ -205,37 +375,155 @@ def count_allreduces(hlo_text: str) -> dict[str, int]:
       continue
     in_loop.add(name)
     frontier.extend(called.get(name, ()))
-  counts = {'in_loop': 0, 'outside': 0, 'in_loop_elements': 0, 'outside_elements': 0}
+  return in_loop
+
+
+def _elements(result_type: str) -> int:
+  return sum(math.prod(int(d) for d in dims.split(',') if d) for dims in
+             _SHAPE.findall(result_type))
+
+
+def replica_groups(instruction: str) -> tuple[tuple[int, ...], ...]:
+  """The ``replica_groups`` of one HLO instruction's text, as tuples of device ids.
+
+  Reads the explicit form, ``replica_groups={{0,1},{2,3}}``, and XLA's iota
+  form ``replica_groups=[G,S]<=[d0,d1,...]T(p0,p1,...)``: ``arange(prod(d))``
+  reshaped to ``d``, transposed by ``p`` (no ``T(...)``: not transposed) and
+  reshaped to ``G`` groups of ``S``; e.g. ``[4,2]<=[2,4]T(1,0)`` is
+  ``{{0,4},{1,5},{2,6},{3,7}}``. Returns ``()`` for ``replica_groups={}`` or
+  none (all devices in one group).
+  """
+  match = _GROUPS_IOTA.search(instruction)
+  if match:
+    num_groups, size = int(match.group(1)), int(match.group(2))
+    dims = [int(d) for d in match.group(3).split(',')]
+    perm = ([int(p) for p in match.group(4).split(',')] if match.group(4)
+            else list(range(len(dims))))
+    if num_groups * size != math.prod(dims) or sorted(perm) != list(range(len(dims))):
+      raise ValueError(f'replica_groups={match.group(0)[len("replica_groups="):]!r}: '
+                       f'[groups, size] must hold prod(dims) ids and T(...) permute the dims.')
+    ids = np.arange(math.prod(dims)).reshape(dims).transpose(perm).reshape(num_groups, size)
+    return tuple(tuple(int(i) for i in group) for group in ids)
+  match = _GROUPS_LIST.search(instruction)
+  if match:
+    return tuple(tuple(int(i) for i in group.split(',') if i.strip())
+                 for group in re.findall(r'\{([\d,\s]*)\}', match.group(1)))
+  return ()
+
+
+def allreduce_instructions(hlo_text: str) -> list[AllReduce]:
+  """The all-reduce instructions of a compiled HLO module, in text order.
+
+  An instruction is in a loop when its computation is a while loop's body or
+  is called from one (transitively); its payload counts the elements of its
+  result (all operands of a combined all-reduce; ``all-reduce-start`` of an
+  asynchronous pair, not its ``-done``).
+  """
+  computations = _computations(hlo_text)
+  in_loop = _loop_computations(computations)
+  instructions = []
   for name, lines in computations.items():
-    where = 'in_loop' if name in in_loop else 'outside'
     for line in lines:
       match = _ALLREDUCE.search(line)
       if match:
-        counts[where] += 1
-        counts[f'{where}_elements'] += _elements(match.group(1))
+        instructions.append(AllReduce(match.group(1), name in in_loop,
+                                      _elements(match.group(2)), replica_groups(line)))
+  return instructions
+
+
+def count_allreduces(hlo_text: str) -> dict[str, int]:
+  """All-reduce instructions of a compiled module, inside and outside its loops.
+
+  Returns ``in_loop`` / ``outside`` (instruction counts) and
+  ``in_loop_elements`` / ``outside_elements`` (their payloads, in elements).
+  Loop bodies include every computation they call.
+  """
+  counts = {'in_loop': 0, 'outside': 0, 'in_loop_elements': 0, 'outside_elements': 0}
+  for instruction in allreduce_instructions(hlo_text):
+    where = 'in_loop' if instruction.in_loop else 'outside'
+    counts[where] += 1
+    counts[f'{where}_elements'] += instruction.elements
   return counts
 
 
-def compiled_allreduces(optimizer: str, model_name: str, *, num_replicas: int, L: int,
-                        batch_size: int) -> dict[str, int]:
-  """Counts the all-reduces of `optimizer`'s compiled round, one replica per device."""
+def island_of_groups(groups: Sequence[Sequence[int]], islands: Sequence[Sequence[int]]) -> str:
+  """``'inside'`` when every group lies inside one island, else ``'between'``.
+
+  `islands` lists each island's device ids (as the HLO numbers them); empty
+  `groups` (``replica_groups={}``) is one group of all the islands' devices.
+  Raises ValueError for a device id of no island.
+  """
+  where = {device: i for i, island in enumerate(islands) for device in island}
+  for group in groups or [list(where)]:
+    unknown = [device for device in group if device not in where]
+    if unknown:
+      raise ValueError(f'device {unknown[0]} of replica group {tuple(group)} is in none of the '
+                       f'islands {[list(island) for island in islands]}.')
+    if len({where[device] for device in group}) > 1:
+      return 'between'
+  return 'inside'
+
+
+def island_traffic(instructions: Sequence[AllReduce], islands: Sequence[Sequence[int]],
+                   L: int) -> dict[str, int]:
+  """A compiled round's all-reduces split into inside and between islands.
+
+  For ``w`` in ``inside`` / ``between`` (:func:`island_of_groups`):
+  ``w_in_loop`` / ``w_outside`` count the instructions, ``w_in_loop_elements``
+  / ``w_outside_elements`` sum their payloads (what one group reduces);
+  ``w_per_round`` counts the all-reduces a round runs, each group of an
+  instruction one (``L`` runs of those in the loop, one of the others), and
+  ``w_elements_per_round`` their elements: ``sum(runs * groups * elements)``.
+  """
+  if L < 1:
+    raise ValueError(f'L={L!r} must be >= 1.')
+  traffic = {f'{where}_{key}': 0 for where in ('inside', 'between')
+             for key in ('in_loop', 'outside', 'in_loop_elements', 'outside_elements',
+                         'per_round', 'elements_per_round')}
+  for instruction in instructions:
+    where = island_of_groups(instruction.groups, islands)
+    loop = 'in_loop' if instruction.in_loop else 'outside'
+    runs = (L if instruction.in_loop else 1) * max(1, len(instruction.groups))
+    traffic[f'{where}_{loop}'] += 1
+    traffic[f'{where}_{loop}_elements'] += instruction.elements
+    traffic[f'{where}_per_round'] += runs
+    traffic[f'{where}_elements_per_round'] += runs * instruction.elements
+  return traffic
+
+
+def _compiled_round(optimizer: str, model_name: str, *, num_replicas: int, L: int,
+                    batch_size: int, devices_per_replica: int = 1) -> tuple[str, list[list[int]]]:
+  """The HLO text of `optimizer`'s compiled round, and its islands as HLO device ids.
+
+  ``num_replicas * devices_per_replica`` devices, each replica an island of
+  ``devices_per_replica`` (:class:`parle_jax.Replicas`); the ids of island
+  ``i`` are ``i k .. i k + k - 1`` (the mesh's device order).
+  """
   from experiments import optimizers  # pylint: disable=g-import-not-at-top
   from experiments.configs import base  # pylint: disable=g-import-not-at-top
   import parle_jax  # pylint: disable=g-import-not-at-top
   from parle_jax import data, models, training  # pylint: disable=g-import-not-at-top
 
-  if jax.device_count() < num_replicas:
-    raise ValueError(f'counting the all-reduces of {num_replicas} replicas needs as many '
-                     f'devices, found {jax.device_count()}; set XLA_FLAGS='
-                     f'--xla_force_host_platform_device_count={num_replicas}.')
+  k = devices_per_replica
+  if k < 1:
+    raise ValueError(f'devices_per_replica={k!r} must be >= 1.')
+  if jax.device_count() < num_replicas * k:
+    raise ValueError(f'counting the all-reduces of {num_replicas} replicas of {k} device(s) '
+                     f'needs {num_replicas * k} devices, found {jax.device_count()}; set '
+                     f'XLA_FLAGS=--xla_force_host_platform_device_count={num_replicas * k}.')
   args, kwargs, image_shape, _ = MODEL_SETUPS[model_name]
   config = base.get_config()
   config.optimizer, config.num_replicas, config.L = optimizer, num_replicas, L
   config.batch_size = batch_size * (num_replicas if optimizer == 'data_parallel_sgd' else 1)
+  config.devices_per_replica = k
   num_examples = 4 * batch_size * num_replicas
   plan = optimizers.make_plan(config, num_examples, num_replicas)
-  replicas = parle_jax.Replicas(num_replicas, devices=jax.devices()[:num_replicas],
-                                mapping='vmap')
+  if k == 1:
+    replicas = parle_jax.Replicas(num_replicas, devices=jax.devices()[:num_replicas],
+                                  mapping='vmap')
+  else:
+    replicas = parle_jax.Replicas(num_replicas, devices=jax.devices()[:num_replicas * k],
+                                  mapping='vmap', devices_per_replica=k)
   tx, couple = optimizers.make_optimizer(config, plan, replicas.axis_name)
   model = models.create_model(*args, **kwargs)
   params, model_state = training.init_replica_variables(
@@ -243,14 +531,39 @@ def compiled_allreduces(optimizer: str, model_name: str, *, num_replicas: int, L
       same_init=plan.same_init)
   state = parle_jax.init_replicas(replicas, tx, params, model_state)
   round_fn = parle_jax.make_round(
-      training.classification_loss(model), tx, replicas, L=L, couple=couple,
+      training.classification_loss(model, batch_norm_axis_name=replicas.data_axis_name),
+      tx, replicas, L=L, couple=couple,
       batch_fn=data.make_batch_fn(plan.batch_size, augment=False), mapping='vmap')
   rng = np.random.default_rng(0)
   arrays = {'image': rng.integers(0, 256, (num_examples, *image_shape), np.uint8),
             'label': rng.integers(0, 10, num_examples).astype(np.int32)}
   device_data = replicas.broadcast(data.device_data(arrays, *data.channel_stats(arrays['image'])))
   hlo = round_fn.lower(state, device_data).compile().as_text()
-  return count_allreduces(hlo)
+  return hlo, [list(range(i * k, (i + 1) * k)) for i in range(num_replicas)]
+
+
+def compiled_allreduces(optimizer: str, model_name: str, *, num_replicas: int, L: int,
+                        batch_size: int, devices_per_replica: int = 1) -> dict[str, int]:
+  """Counts the all-reduces of `optimizer`'s compiled round (:func:`count_allreduces`).
+
+  One replica per device, or (``devices_per_replica = k > 1``) per island of
+  ``k`` devices: then the dict also holds :func:`island_traffic`'s counts.
+  """
+  hlo, islands = _compiled_round(optimizer, model_name, num_replicas=num_replicas, L=L,
+                                 batch_size=batch_size, devices_per_replica=devices_per_replica)
+  counts = count_allreduces(hlo)
+  if devices_per_replica > 1:
+    counts.update(island_traffic(allreduce_instructions(hlo), islands, L))
+  return counts
+
+
+def compiled_island_instructions(optimizer: str, model_name: str, *, num_replicas: int,
+                                 devices_per_replica: int, L: int, batch_size: int
+                                 ) -> tuple[list[AllReduce], list[list[int]]]:
+  """The all-reduces of `optimizer`'s compiled round over islands, and the islands (ids)."""
+  hlo, islands = _compiled_round(optimizer, model_name, num_replicas=num_replicas, L=L,
+                                 batch_size=batch_size, devices_per_replica=devices_per_replica)
+  return allreduce_instructions(hlo), islands
 
 
 def _gb(num_bytes: float) -> str:
@@ -306,6 +619,82 @@ def main(argv):
               f"({100 * row['parle_communication']:.0f}%) | {row['step_speedup']:.2f}x | "
               f"{row['dp_sgd_epoch_s']:.3g} | {row['parle_epoch_s']:.3g} | "
               f"{row['dp_sgd_budget_s'] / row['parle_budget_s']:.2f} |")
+    _print_islands(model_name, params, examples)
+
+
+def _print_islands(model_name: str, params: int, examples: int) -> None:
+  """The island tables of one model: accounting, compiled check, model."""
+  L, batch = FLAGS.L, FLAGS.batch
+  print(f'\n### {model_name} over islands: n replicas of k devices, L = {L}, per round\n')
+  print('Exact: each all-reduce of one group of devices counts once and carries 4P = '
+        f'{_gb(4 * params)}; between islands, as implemented, k parallel all-reduces of 4P '
+        '(one per device position) per coupling.\n')
+  print('| n x k | optimizer | inside islands: all-reduces per round (bytes) | '
+        'between: all-reduces per round (bytes) | between if hierarchical (bytes) |')
+  print('|---|---|---|---|---|')
+  for n, k in parse_islands(FLAGS.islands):
+    for optimizer in COMMUNICATING:
+      acc = island_accounting(optimizer, num_parameters=params, num_islands=n,
+                              devices_per_replica=k, L=L)
+      print(f'| {n} x {k} | {optimizer} | {acc.inside_allreduces_per_round} '
+            f'({_gb(acc.inside_bytes_per_round)}) | {acc.between_allreduces_per_round} '
+            f'({_gb(acc.between_bytes_per_round)}) | '
+            f'{_gb(acc.hierarchical_between_bytes_per_round)} |')
+  if FLAGS.check_compiled and FLAGS.island_check:
+    ((n, k),) = parse_islands([FLAGS.island_check])
+    if jax.device_count() >= n * k:
+      print(f'\nCompiled rounds over islands (jax {jax.__version__}, n = {n} x k = {k} on '
+            f'{n * k} {jax.devices()[0].platform} devices, batch {batch} per replica): '
+            f'all-reduce instructions (elements of one group), and per round of L = {L} '
+            'steps the elements over all groups and runs, over P (the accounting in '
+            'brackets); the last column is what the island all-reduces beyond the gradient '
+            'each step (BatchNorm statistics, loss and metrics)\n')
+      print('| optimizer | inside: in the loop | inside: outside | between: in the loop | '
+            'between: outside | inside per round / P | between per round / P | '
+            'inside extra elements per step |')
+      print('|---|---|---|---|---|---|---|---|')
+      for optimizer in COMMUNICATING:
+        instructions, islands = compiled_island_instructions(
+            optimizer, model_name, num_replicas=n, devices_per_replica=k, L=L,
+            batch_size=batch)
+        t = island_traffic(instructions, islands, L)
+        acc = island_accounting(optimizer, num_parameters=params, num_islands=n,
+                                devices_per_replica=k, L=L)
+        extra = (t['inside_elements_per_round'] - acc.inside_allreduces_per_round * params) / (
+            n * L)
+        cells = [f"{t[f'{w}_{where}']} ({t[f'{w}_{where}_elements']:,})"
+                 for w in ('inside', 'between') for where in ('in_loop', 'outside')]
+        print(f"| {optimizer} | {' | '.join(cells)} | "
+              f"{t['inside_elements_per_round'] / params:.2f} "
+              f'({acc.inside_allreduces_per_round}) | '
+              f"{t['between_elements_per_round'] / params:.2f} "
+              f'({acc.between_allreduces_per_round}) | {extra:,.0f} |')
+  if model_name in H100_STEP_SECONDS:
+    step = H100_STEP_SECONDS[model_name]
+    print(f'\nMODEL (not measured) of islands: compute {1000 * step:.2f} ms per step of one '
+          f'H100 (measured) split perfectly over k devices (t / k), ring all-reduces with '
+          f'{FLAGS.latency_us} us per hop, {FLAGS.fast_gbps:g} Gb/s per device inside an '
+          'island, that / ratio per device between islands. Data-parallel SGD: all n k '
+          f'devices, global batch n x {batch}, hierarchical all-reduce (ring of 4P inside, '
+          f'ring of 4P/k between). Parle: n replicas of batch {batch}, ring of 4P inside every '
+          f'step, k parallel rings of 4P between once per L = {L} steps. Budgets: 200 dp-SGD '
+          'epochs against 125 Parle effective epochs.\n')
+    print('| ratio (slow Gb/s) | n x k | compute ms | inside ms | dp-SGD ms/step '
+          '(between %) | Parle ms/step (between %) | step speed-up | speed-up needed (0.625 n) | '
+          'dp-SGD budget / Parle budget |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for row in island_network_model(
+        num_parameters=params, num_examples=examples, batch_size=batch, L=L,
+        step_seconds=step, islands=parse_islands(FLAGS.islands),
+        slow_link_ratios=[float(r) for r in FLAGS.slow_link_ratios],
+        fast_gbps=FLAGS.fast_gbps, latency_s=FLAGS.latency_us * 1e-6):
+      print(f"| {row['slow_link_ratio']:g} ({row['slow_gbps']:g}) | {row['islands']} x "
+            f"{row['devices_per_replica']} | {1000 * row['compute_s']:.2f} | "
+            f"{1000 * row['inside_s']:.2f} | {1000 * row['dp_sgd_step_s']:.2f} "
+            f"({100 * row['dp_sgd_between_share']:.0f}%) | {1000 * row['parle_step_s']:.2f} "
+            f"({100 * row['parle_between_share']:.0f}%) | {row['step_speedup']:.2f}x | "
+            f"{0.625 * row['islands']:.2f} | "
+            f"{row['dp_sgd_budget_s'] / row['parle_budget_s']:.2f} |")
 
 
 if __name__ == '__main__':
