@@ -260,27 +260,28 @@ def sgd_config_with_same_budget(config, plan: Plan, *, per_replica: bool = False
 def select_devices(plan: Plan, devices_per_replica: int = 1) -> list:
   """The devices the replicas run on: all of them, or fewer when there are fewer replicas.
 
-  A replica spans `devices_per_replica` devices (an island, inside one
-  process). With several processes, every process must hold replicas: fewer
-  replicas than islands take the same number of devices from each process.
+  A replica spans `devices_per_replica` devices (an island, inside one host,
+  see :func:`parle_jax.replicas.islands_of`). With several processes, every
+  process must hold replicas: fewer replicas than islands take the same number
+  of devices from each process.
   """
   devices, k = jax.devices(), devices_per_replica
   n, processes = plan.num_replicas, jax.process_count()
-  by_process = [[d for d in devices if d.process_index == p] for p in range(processes)]
-  if k > 1 and any(len(held) % k for held in by_process):
+  if len(devices) % k:
     raise ValueError(
-        f'config.devices_per_replica={k} is invalid: a replica\'s devices must lie inside one '
-        f'process, and the {len(by_process[0])} devices of each of {processes} process(es) do '
-        f'not split into groups of {k}; use a divisor of {len(by_process[0])}.')
+        f'config.devices_per_replica={k} is invalid: the {len(devices)} devices do not split '
+        f'into islands of {k}; use a divisor of {len(devices)}.')
   islands = len(devices) // k
   if n < islands:
-    if n % processes:
+    if (n * k) % processes:
       raise ValueError(
           f'config.num_replicas={n} is invalid with {processes} processes of '
-          f'{len(devices)} devices: every process must hold the same number of replicas; '
-          f'use a multiple of {processes} (or of {islands}).')
-    per_process = n // processes * k
-    return [d for held in by_process for d in held[:per_process]]
+          f'{len(devices)} devices: every process must hold the same number of '
+          + ('replicas' if k == 1 else f'devices ({n} x {k} do not split {processes} ways)')
+          + f'; use a multiple of {processes} (or of {islands}).')
+    per_process = n * k // processes
+    return [d for p in range(processes)
+            for d in [d for d in devices if d.process_index == p][:per_process]]
   if n % islands:
     places = (f'{islands} devices' if k == 1 else
               f'{islands} islands of {k} devices ({len(devices)} devices)')

@@ -33,6 +33,9 @@ Suites:
   uncompressed); LeNet's fits a 2-core CPU, WRN-16-4's is a GPU's work.
 * ``default_job``: ``make train``'s three runs (configs/default.py), so that
   the README's table of the default job is rebuilt like the others.
+* ``default_job_islands``: the default job's Parle with n=2 and dropout off,
+  over 2 islands of 4 devices and over 2 devices (8 devices: fake CPU devices
+  on a CPU machine), the check that a replica spanning devices trains as one.
 """
 
 from __future__ import annotations
@@ -179,12 +182,36 @@ def _default_job_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
              optimizers.sgd_config_with_same_budget(config, plan, per_replica=per_replica))
 
 
+ISLAND_DEVICES = 8  # default_job_islands: 2 replicas over islands of 4, against 2 devices
+
+
+def _default_job_islands_runs(seeds) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
+  """The default job's Parle, n=2 and dropout off, over 2 islands of 4 devices and over 2 devices.
+
+  Runs on 8 devices (fake CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``);
+  the two runs differ in the island layout only, so their numbers differ by float rounding.
+  """
+  if jax.device_count() < ISLAND_DEVICES:
+    raise ValueError(
+        f'--suite=default_job_islands needs {ISLAND_DEVICES} devices, found '
+        f'{jax.device_count()}: on a CPU, set XLA_FLAGS='
+        f'--xla_force_host_platform_device_count={ISLAND_DEVICES}.')
+  for seed in seeds:
+    for devices_per_replica in (4, 1):
+      config = default.get_config()
+      config.compare_to_sgd, config.seed, config.num_replicas = False, seed, 2
+      config.devices_per_replica = devices_per_replica
+      config.model_kwargs.dropout = 0.0
+      yield f'parle_n2_k{devices_per_replica}_seed{seed}', config
+
+
 SUITES: dict[str, Callable[..., Iterator[tuple[str, ml_collections.ConfigDict]]]] = {
     'fashion_mnist_lenet_cpu': _lenet_cpu_runs,
     'fashion_mnist_lenet_sweep': _lenet_sweep_runs,
     'fashion_mnist_lenet_paper': _lenet_paper_runs,
     'fashion_mnist_wrn16_4_paper': _wrn_paper_runs,
     'default_job': _default_job_runs,
+    'default_job_islands': _default_job_islands_runs,
 }
 
 

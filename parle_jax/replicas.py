@@ -15,8 +15,8 @@ The device axis is mapped in one place only, :meth:`Replicas.pmap`: with
 ``jax.jit`` of ``jax.shard_map`` over a ``jax.sharding.Mesh``.
 
 **Islands.** With ``devices_per_replica=k > 1`` a replica spans ``k``
-devices, an *island*: consecutive devices of one process (the ones with the
-fastest links). The devices form a 2-D mesh ``('device', 'data')`` of
+devices, an *island*: consecutive devices of one host (the ones with the
+fastest links; with a process per device, of consecutive processes). The devices form a 2-D mesh ``('device', 'data')`` of
 ``I = D / k`` islands by ``k``; the leading axis of every replica array then
 counts islands, ``[I, R, ...]``, and each device of an island holds its
 island's copy. Inside the round each device takes ``batch / k`` of its
@@ -29,7 +29,8 @@ Islands run under ``shard_map``; ``k = 1`` is the one-axis layout above.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+import socket
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,26 +72,45 @@ def local_mapping(requested: str, *, per_device: int, communicates_every_step: b
   return requested
 
 
-def islands_of(devices: Sequence[Any], devices_per_replica: int) -> list[list[Any]]:
-  """`devices` cut into islands of `devices_per_replica` consecutive devices of one process.
+def islands_of(devices: Sequence[Any], devices_per_replica: int,
+               host_of: Optional[Mapping[int, str]] = None) -> list[list[Any]]:
+  """`devices` cut into islands of `devices_per_replica` consecutive devices of one host.
 
-  Devices keep their order; each process's devices (in that order) are cut
-  into consecutive groups, so an island never spans processes (hosts). Raises
-  ValueError, naming the numbers, when the devices do not divide.
+  Devices keep their order within a host; each host's devices are cut into
+  consecutive groups, so an island never spans hosts: with a process per
+  host its devices, with a process per device (SLURM's one task per GPU)
+  consecutive processes of one host. `host_of` maps a process index to its
+  host (default: every process its own host). Raises ValueError, naming the
+  numbers, when a host's devices do not divide.
   """
   k = devices_per_replica
-  by_process: dict[int, list[Any]] = {}
+  host_of = host_of or {}
+  by_host: dict[str, list[Any]] = {}
   for device in devices:
-    by_process.setdefault(device.process_index, []).append(device)
-  for process, held in by_process.items():
+    host = host_of.get(device.process_index, f'process {device.process_index}')
+    by_host.setdefault(host, []).append(device)
+  for host, held in by_host.items():
     if len(held) % k:
-      where = (f'process {process} holds {len(held)} of the {len(devices)} devices'
-               if len(by_process) > 1 else f'there are {len(held)} devices')
+      where = (f'{host} holds {len(held)} of the {len(devices)} devices'
+               if len(by_host) > 1 else f'there are {len(held)} devices')
       raise ValueError(
           f'`devices_per_replica`={k} does not divide the devices: {where}, and an island '
-          'of devices_per_replica devices must lie inside one process (host). Choose a '
-          f'divisor of {len(held)}, or pass `devices`.')
-  return [held[i:i + k] for held in by_process.values() for i in range(0, len(held), k)]
+          'of devices_per_replica devices must lie inside one host. Choose a divisor of '
+          f'{len(held)}, or pass `devices`.')
+  return [held[i:i + k] for held in by_host.values() for i in range(0, len(held), k)]
+
+
+def process_hosts() -> dict[int, str]:
+  """Each process's host name (one all-gather between the processes; {} with one process)."""
+  if jax.process_count() == 1:
+    return {}
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  name = socket.gethostname().encode()[:255]
+  mine = np.zeros(256, np.uint8)
+  mine[0], mine[1:len(name) + 1] = len(name), np.frombuffer(name, np.uint8)
+  everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 256)
+  return {p: 'host ' + bytes(row[1:1 + row[0]]).decode(errors='replace')
+          for p, row in enumerate(everyone)}
 
 
 class Replicas:
@@ -102,7 +122,7 @@ class Replicas:
     local_devices: this process's share of `devices`, in the same order.
     devices_per_replica: ``k``, the devices one replica spans (an island).
     islands: `devices` as ``I = D / k`` islands of ``k`` devices, each inside
-      one process; with ``k = 1`` one island per device.
+      one host (:func:`islands_of`); with ``k = 1`` one island per device.
     per_device: ``R = n / I``, replicas per island (per device when ``k = 1``).
     mapping: how the ``R`` local replicas are mapped: ``'vmap'``,
       ``'sequential'`` or ``'auto'`` (chosen by measurement, see
@@ -137,7 +157,8 @@ class Replicas:
     self.devices = list(jax.devices() if devices is None else devices)
     if not self.devices:
       raise ValueError('`devices` must name at least one device, got an empty list.')
-    self.islands = islands_of(self.devices, k)
+    self.islands = islands_of(self.devices, k,
+                              process_hosts() if k > 1 and jax.process_count() > 1 else None)
     num_islands = len(self.islands)
     if num_replicas % num_islands:
       if k == 1:
@@ -155,8 +176,8 @@ class Replicas:
     self.per_device = self.num_replicas // num_islands
     self.local_devices = [d for d in self.devices
                           if d.process_index == jax.process_index()]
-    self._local_islands = [i for i, island in enumerate(self.islands)
-                           if island[0].process_index == jax.process_index()]
+    self._local_islands = [i for i, island in enumerate(self.islands)  # held, in whole or part
+                           if any(d.process_index == jax.process_index() for d in island)]
 
   def __repr__(self):
     islands = (f', devices_per_replica={self.devices_per_replica} (mesh '

@@ -185,15 +185,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_processes(workdir, overrides, logs, num_processes=2):
-  """`num_processes` processes x 2 fake CPU devices running experiments.train.
+def _start_processes(workdir, overrides, logs, num_processes=2, devices_per_process=2):
+  """`num_processes` processes x `devices_per_process` fake CPU devices running experiments.train.
 
   No persistent compilation cache: its keys differ between processes, so with
   one, process 0 would load a program that process 1 still compiles, and gloo
   gives up on a first collective whose peers arrive more than 30 s apart.
   """
   port = _free_port()
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices_per_process), JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)  # conftest's 8 fake devices are for this process only
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   processes = []
