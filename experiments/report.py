@@ -509,8 +509,9 @@ def report(results_dir: str, suite: str) -> dict[str, str]:
     if flatness:
       sections['flatness'] = report_flatness.markdown(
           report_flatness.table(group_runs(runs), flatness), flatness)
-      sections['flatness'] += report_flatness.examples_markdown(suite_dir, flatness)
-      sections[''] += '\n### Flatness\n\n' + sections['flatness']
+      # The README's section is the table; the full one adds the figures at other image counts.
+      sections[''] += ('\n### Flatness\n\n' + sections['flatness']
+                       + report_flatness.examples_markdown(suite_dir, flatness))
       report_flatness.plot(flatness, suite_dir)
   with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
     f.write(sections[''])

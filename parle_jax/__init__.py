@@ -8,7 +8,8 @@ Layers, each importing only from those before it:
   checks from :mod:`parle_jax.checks`.
 * :mod:`parle_jax.local_updates` -- local SGD and DiLoCo, as round parts like
   Parle's (for comparison).
-* :mod:`parle_jax.replicas` -- n replicas over devices: ``pmap`` over devices,
+* :mod:`parle_jax.replicas` -- n replicas over devices (or islands of devices):
+  ``pmap`` or ``shard_map`` over devices,
   ``vmap`` or a loop locally; the reference (mean) params.
 * :mod:`parle_jax.rounds` -- one fused, donated dispatch per round:
   ``lax.scan`` over ``L`` inner steps, then the coupling.

@@ -1,7 +1,7 @@
 """Bad input: config fields, settings, flags, workdirs and data files.
 
 Each is refused up front with one line naming the value and what is allowed
-(the README's failure table). The binary runs are tiny (LeNet, 2 steps of batch
+(docs/failures.md). The binary runs are tiny (LeNet, 2 steps of batch
 8 per round); most of their time goes into compiling them.
 """
 
