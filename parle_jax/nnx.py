@@ -442,11 +442,15 @@ class LeNet(nnx.Module):
     dropout: the dropout rate, in [0, 1).
     conv: ``'auto'``, ``'xla'`` or ``'matmul'`` (:mod:`parle_jax.conv`).
     image_shape: ``(H, W, C)`` of the inputs, which sizes the first dense layer.
+    batch_norm_axis_name: the mapped axis over which train-mode batch statistics
+      are averaged: ``replicas.data_axis_name`` for replicas that span several
+      devices (islands), None for the device's own batch.
     rngs: initialisation keys (the ``'params'`` or default stream).
   """
 
   def __init__(self, num_classes: int = 10, dropout: float = 0.25, conv: str = 'auto', *,
-               image_shape: Sequence[int] = (28, 28, 1), rngs: nnx.Rngs):
+               image_shape: Sequence[int] = (28, 28, 1),
+               batch_norm_axis_name: Optional[str] = None, rngs: nnx.Rngs):
     checks.integer('num_classes', num_classes)
     checks.fraction('dropout', dropout)
     checks.choice('conv', conv, conv_lib.CONV_IMPLEMENTATIONS)
@@ -454,7 +458,8 @@ class LeNet(nnx.Module):
     convolution = conv_fn(conv)
 
     def batch_norm(features):  # PyTorch's momentum and epsilon, as the Linen LeNet's
-      return nnx.BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, rngs=rngs)
+      return nnx.BatchNorm(features, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                           axis_name=batch_norm_axis_name, rngs=rngs)
 
     self.Conv_0 = nnx.Conv(channels, 20, (5, 5), padding='VALID',  # pylint: disable=invalid-name
                            conv_general_dilated=convolution, rngs=rngs)

@@ -97,6 +97,26 @@ def test_fused_round_matches_linen_with_dropout_and_batch_norm(linen_variables):
   assert np.abs(no_dropout[0]['loss'] - nnx_metrics[0]['loss']).max() > 1e-3
 
 
+def test_islands_train_as_one_device_per_replica(linen_variables):
+  """Replicas over islands of 2 devices (half the batch each, BN over the island) = 1 device."""
+  params, model_state = linen_variables
+  batches = make_batches(1)
+  results = {}
+  for k in (1, 2):
+    replicas = parle_jax.Replicas(N, devices=jax.devices()[:N * k], mapping='vmap',
+                                  devices_per_replica=k)
+    split = parle_nnx.init_replica_variables(
+        lambda rngs, k=k: parle_nnx.LeNet(dropout=0.0, rngs=rngs, batch_norm_axis_name=(
+            'data' if k > 1 else None)), N, seed=0)
+    parts = parle_jax.parle_parts(0.1, L=L, axis_name=replicas.axis_name, **PARLE)
+    round_fn = parle_jax.parts_round(parle_nnx.classification_loss(split, train=True), parts,
+                                     replicas)
+    state = parle_jax.init_replicas(replicas, parts.inner, params, dict(model_state), seed=7)
+    state, metrics = round_fn(state, batches[0])
+    results[k] = replicas.gather((state.params, state.model_state, metrics))
+  chex.assert_trees_all_close(results[2], results[1], rtol=1e-4, atol=1e-5)
+
+
 def test_dropout_repeats_bitwise_and_differs_across_replicas():
   split = nnx_split(same_init=True)  # equal replicas on equal batches: only dropout differs
   batches = make_batches(1, same_for_all=True)
