@@ -12,7 +12,8 @@ evaluation's test errors with the log:
   the code that moves a number by one float rounding fails;
 * on another kind, or for a run that did not record its CPU, within
   :data:`TOLERANCES` (what float rounding on another CPU gives this early,
-  measured), and it says so.
+  measured), per-replica values by their mean over the replicas, and it says
+  so.
 
 Run it with the environment the run had (``XLA_FLAGS`` decides the device
 count): the test in ``tests/test_replay.py`` does. Exit status 0 when the
@@ -85,8 +86,8 @@ class Comparison:
 
   def summary(self) -> str:
     rule = ('bitwise (same CPU kind and packages)' if self.same_kind else
-            f"within loss {TOLERANCES['loss']}, errors {TOLERANCES['error']} points "
-            '(another CPU kind: float rounding differs)')
+            f"within loss {TOLERANCES['loss']}, errors {TOLERANCES['error']} points, replicas "
+            'by their mean (another CPU kind: float rounding differs)')
     verdict = 'agree' if not self.mismatches else f'{len(self.mismatches)} differ'
     if not self.same_kind:
       equal = sum(logged == replayed for _, _, logged, replayed in self.rows)
@@ -130,11 +131,19 @@ def _values(records, last_round: int) -> dict[tuple[int, str], Any]:
 
 
 def _within(key: str, logged, replayed) -> bool:
+  """Within :data:`TOLERANCES`; per-replica lists by their mean over the replicas.
+
+  A single replica early in a run is chaotic: on a 2-core AMD EPYC with AVX2 one
+  replica of a 12-round Parle run logged on an Intel Xeon replayed 5 points off
+  after 3 rounds (66.65 against 71.65%), while the replicas' mean moved 0.58.
+  """
   tolerance = TOLERANCES['loss'] if key in LOSS_KEYS else TOLERANCES['error']
-  logged, replayed = (logged if isinstance(logged, list) else [logged],
-                      replayed if isinstance(replayed, list) else [replayed])
-  return len(logged) == len(replayed) and all(
-      abs(a - b) <= tolerance for a, b in zip(logged, replayed))
+  if isinstance(logged, list) or isinstance(replayed, list):
+    if not (isinstance(logged, list) and isinstance(replayed, list)
+            and len(logged) == len(replayed) and logged):
+      return False
+    logged, replayed = sum(logged) / len(logged), sum(replayed) / len(replayed)
+  return abs(logged - replayed) <= tolerance
 
 
 def compare(logged_records, replayed_records, last_round: int, same_kind: bool):

@@ -69,9 +69,14 @@ def test_compare_is_bitwise_on_the_same_kind_and_tolerant_on_another():
   _, mismatches = replay.compare(logged, nudged, 3, same_kind=False)
   assert mismatches == []  # within 0.05 nats and 3 points on another kind
   far = _log({'round': 3, 'train/loss': 0.56, 'train/error': 20.0},
-             {'round': 3, 'reference/test_error': 15.41, 'replica/test_error': [16.0, 20.5]})
+             {'round': 3, 'reference/test_error': 15.41, 'replica/test_error': [16.0, 24.5]})
   _, mismatches = replay.compare(logged, far, 3, same_kind=False)
   assert [(m[0], m[1]) for m in mismatches] == [(3, 'replica/test_error'), (3, 'train/loss')]
+  # One replica 5 points off, their mean 2 points: within the tolerance on another kind.
+  apart = _log({'round': 3, 'train/loss': 0.5, 'train/error': 20.0},
+               {'round': 3, 'reference/test_error': 15.41, 'replica/test_error': [21.0, 16.0]})
+  _, mismatches = replay.compare(logged, apart, 3, same_kind=False)
+  assert mismatches == []
   _, mismatches = replay.compare(logged, same[:1], 3, same_kind=True)
   assert [m[1] for m in mismatches] == ['reference/test_error', 'replica/test_error']  # missing
   assert replay.first_evaluation_round(logged) == 3
