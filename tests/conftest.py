@@ -49,26 +49,12 @@ def release_compiled_programs():
     gc.collect()
 
 
-# Under pytest-xdist (``make test`` runs two workers), the tests of these modules
-# are marked to stay on one worker (xdist_group), because they share a module-scoped
-# fixture (a trained model, a loaded dataset, a benchmark run) that would otherwise
-# be built once per worker; every other test is sent to whichever worker is free.
-# Checked on 2026-12-04: under pytest 9.2 the marks of pytest-xdist 3.8.0 never reach
-# the node ids (not even a module's pytestmark, in a two-file example; its worker hook
-# that adds them is the one in its plugin without @pytest.hookimpl), so the tests are
-# spread one by one and a module fixture is built again where its tests land
-# (test_landscape's twice in a fresh clone). --dist=loadfile keeps each module whole.
-ONE_WORKER_MODULES = frozenset({
-    'test_bad_input', 'test_benchmark', 'test_checkpoint_integrity', 'test_datasets',
-    'test_evaluate', 'test_execution_paths', 'test_landscape', 'test_local_updates', 'test_nnx',
-    'test_rounds', 'test_sampling', 'test_train'})
-
-
-def pytest_collection_modifyitems(items):
-  for item in items:
-    module = item.module.__name__
-    if module in ONE_WORKER_MODULES:
-      item.add_marker(pytest.mark.xdist_group(module))
+# Under pytest-xdist, ``make test`` sends whole test modules to its two workers
+# (--dist=loadfile), so that a module-scoped fixture (a trained model, a loaded
+# dataset, a benchmark run) is built once. --dist=loadgroup with xdist_group marks
+# would not: under pytest 9.2 an item's node id is a structured NodeId, and
+# pytest-xdist 3.8.0's worker hook, which appends '@<group>' to `item._nodeid`,
+# no longer changes it (checked 2026-12-06), so the groups never reach the scheduler.
 
 
 @pytest.fixture(scope='session')
