@@ -57,6 +57,21 @@ def release_compiled_programs():
 # no longer changes it (checked 2026-12-06), so the groups never reach the scheduler.
 
 
+# The slowest modules first (seconds in a fresh clone's `make test`, 2026-12-06), so that
+# --dist=loadfile does not hand one to a worker while the other has nothing left: the
+# suite's end then waited minutes on one worker.
+SLOWEST_MODULES = (
+    'test_faults', 'test_replay', 'test_train', 'test_islands', 'test_landscape',
+    'test_checkpoint_integrity', 'test_repeatability', 'test_benchmark', 'test_execution_paths',
+    'test_workdir_lock', 'test_datasets', 'test_nnx', 'test_rounds', 'test_communication',
+    'test_roofline')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable
+
+
 @pytest.fixture(scope='session')
 def fashion_mnist_data_dir(tmp_path_factory):
   """A data dir with Fashion-MNIST prepared once per test session (about 40 s)."""
