@@ -17,7 +17,7 @@ setuptools.setup(
         'flax': ['flax>=0.12'],
         'experiments': ['flax>=0.12', 'ml_collections', 'orbax-checkpoint',
                         'tensorflow-datasets', 'tensorflow-cpu', 'importlib_resources',
-                        'pillow', 'tensorboard', 'tqdm', 'matplotlib'],
+                        'pillow', 'tensorboard', 'tqdm', 'matplotlib', 'scipy'],
         'notebooks': ['flax>=0.12', 'matplotlib', 'tensorflow-datasets', 'jupyter'],
         'tests': ['pytest', 'flax>=0.12', 'tensorflow-datasets', 'ml_collections',
                   'matplotlib', 'nbclient', 'nbformat', 'ipykernel'],

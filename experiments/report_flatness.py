@@ -18,6 +18,7 @@ import re
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
 from experiments import provenance
 
@@ -53,11 +54,11 @@ def _figures(model: dict[str, Any]) -> dict[str, float]:
   return values
 
 
-def _cell(values: Sequence[float]) -> str:
+def _cell(values: Sequence[float], mean_format: str = '.3g', std_format: str = '.2g') -> str:
   values = np.asarray(values, np.float64)
   if len(values) == 1:
-    return f'{values[0]:.3g}'
-  return f'{values.mean():.3g} ± {values.std(ddof=1):.2g}'
+    return f'{values[0]:{mean_format}}'
+  return f'{values.mean():{mean_format}} ± {values.std(ddof=1):{std_format}}'
 
 
 def table(groups: dict[str, Sequence[Any]], flatness: dict[str, dict[str, Any]]
@@ -98,7 +99,8 @@ def markdown(rows: Sequence[dict[str, Any]], flatness: dict[str, dict[str, Any]]
   header = ['method', 'model', 'seeds', 'test error %'] + [name for name, _ in COLUMNS]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for row in rows:
-    cells = [row['group'], row['models'], str(row['seeds']), _cell(row['test_error'])]
+    cells = [row['group'], row['models'], str(row['seeds']),
+             _cell(row['test_error'], '.2f', '.2f')]  # as the accuracy tables
     cells += [_cell(row[key]) if key in row else '' for _, key in COLUMNS]
     lines.append('| ' + ' | '.join(cells) + ' |')
   first = next(iter(flatness.values()))
@@ -116,7 +118,40 @@ def markdown(rows: Sequence[dict[str, Any]], flatness: dict[str, dict[str, Any]]
             f"the mean loss of a Langevin chain ({settings['langevin_steps']} steps) around the "
             f"model at gamma = {', '.join(f'{g:.4g}' for g in gammas)}. "
             f'Measured on {provenance.describe_runs(records)}.', '']
-  return '\n'.join(lines)
+  correlations = correlations_markdown(rows)
+  return '\n'.join(lines) + (f'\n{correlations}' if correlations else '')
+
+
+RANKED = (('top eigenvalue', 'top_eigenvalue'), ('trace', 'trace'),
+          ('sharpness (worst)', 'sharpness_worst'), ('sharpness (random)', 'sharpness_random'),
+          ('Gibbs loss', 'local_entropy_loss'), ('loss', 'loss'))
+
+
+def rank_correlations(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+  """Spearman's rank correlation, across methods, of each figure with the test error.
+
+  One point per method: the mean over seeds of its reference model (the
+  ``'reference'`` rows of :func:`table`). Positive: the lower the figure (the
+  flatter, for curvature and sharpness), the lower the test error. Empty with
+  fewer than 3 methods.
+  """
+  references = [row for row in rows if row['models'] == 'reference']
+  if len(references) < 3:
+    return {}
+  errors = [np.mean(row['test_error']) for row in references]
+  return {key: float(stats.spearmanr([np.mean(row[key]) for row in references], errors).statistic)
+          for _, key in RANKED}
+
+
+def correlations_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  """One line: :func:`rank_correlations` of the table's methods ('' for fewer than 3)."""
+  found = rank_correlations(rows)
+  if not found:
+    return ''
+  methods = sum(row['models'] == 'reference' for row in rows)
+  cells = ', '.join(f'{name} {found[key]:+.2f}' for name, key in RANKED)
+  return (f"Spearman's rank correlation with the test error across the {methods} methods' "
+          f'reference models (positive: the lower the figure, the lower the error): {cells}.\n')
 
 
 _OTHER_EXAMPLES = re.compile(r'^flatness_(\d+)\.json$')
@@ -169,13 +204,23 @@ def plot(flatness: dict[str, dict[str, Any]], out_dir: str) -> list[str]:
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  colors = ('tab:blue', 'tab:orange')
+  # One color per method (the seeds' lines share it), each named once in the legend.
+  groups = sorted({_SEED.sub('', run) for pair in pairs for run in pair})
+  colors = {group: f'C{i}' for i, group in enumerate(groups)}
+  runs = sorted({run for pair in pairs for run in pair})
+
+  def draw(ax, run, x, y, labelled):
+    group = _SEED.sub('', run)
+    ax.plot(x, y, color=colors[group], alpha=0.8,
+            label=group if group not in labelled else None)
+    labelled.add(group)
+
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for name, other in pairs:
-    for run, color in zip((name, other), colors):
-      density = flatness[run]['models']['reference']['density']
-      ax.semilogy(density['grid'], np.maximum(density['density'], 1e-12), color=color,
-                  alpha=0.8, label=_SEED.sub('', run) if (name, other) == pairs[0] else None)
+  labelled: set[str] = set()
+  for run in runs:
+    density = flatness[run]['models']['reference']['density']
+    draw(ax, run, density['grid'], np.maximum(density['density'], 1e-12), labelled)
+  ax.set_yscale('log')
   ax.set_ylim(bottom=1e-6)
   ax.set_xlabel('Hessian eigenvalue')
   ax.set_ylabel('density (SLQ)')
@@ -187,20 +232,23 @@ def plot(flatness: dict[str, dict[str, Any]], out_dir: str) -> list[str]:
   plt.close(fig)
 
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+  labelled = set()
+  for run in runs:
+    line = flatness[run]['models']['reference']['random_direction']
+    draw(left, run, line['t'], line['loss'], labelled)
+  labelled = set()
   for name, other in pairs:
-    for run, color in zip((name, other), colors):
-      line = flatness[run]['models']['reference']['random_direction']
-      left.plot(line['t'], line['loss'], color=color, alpha=0.8,
-                label=_SEED.sub('', run) if (name, other) == pairs[0] else None)
     segment = flatness[name]['against']
-    # alpha = 0 is the Parle run, 1 the other: drawn from the other (0) to Parle (1).
-    right.plot(1 - np.asarray(segment['alpha']), segment['loss'], color='tab:green', alpha=0.8)
+    # alpha = 0 is the Parle run, 1 the other: drawn from the other (0) to the Parle run (1).
+    draw(right, name, 1 - np.asarray(segment['alpha']), segment['loss'], labelled)
   left.set_xlabel('t (params + t * filter-normalised random direction)')
   left.set_ylabel('training loss (BN statistics recomputed)')
   left.set_yscale('log')
   left.legend()
-  right.set_xlabel(f'0 = {_SEED.sub("", pairs[0][1])}, 1 = {_SEED.sub("", pairs[0][0])}')
+  others = sorted({_SEED.sub('', other) for _, other in pairs})
+  right.set_xlabel(f"0 = {', '.join(others)}, 1 = the method of the line")
   right.set_title('the straight path between the two, one line per seed')
+  right.legend()
   fig.tight_layout()
   paths.append(os.path.join(out_dir, 'loss_paths.png'))
   fig.savefig(paths[1], dpi=110)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import optimizers, report, suite
+from experiments import optimizers, report, report_flatness, suite
 
 MACHINE = {'device_kind': 'cpu', 'cpu_count': 2, 'jax': '0.10.2', 'platform': 'cpu',
            'device_count': 1, 'hostname': 'h', 'processor': 'x86_64'}
@@ -309,3 +309,27 @@ def test_sweep_table_and_plot_read_the_budget_from_the_run_names(tmp_path):
   _write_run(tmp_path / 'cpu', 'parle_n3_seed0', 'parle', 3, 15.0, [30.0, 15.0], [1.0, 2.0])
   cpu_runs = report.load_runs(str(tmp_path / 'cpu'))
   assert report.sweep_table(cpu_runs) == [] and 'sweep.png' not in report.figures(cpu_runs)
+
+
+def test_rank_correlations_of_flatness_with_test_error_match_closed_forms():
+  def row(group, error, figure, models='reference'):
+    values = {key: [figure] for _, key in report_flatness.RANKED}
+    return dict(values, group=group, models=models, seeds=1, test_error=[error])
+
+  errors = [9.0, 9.5, 10.0, 11.0]
+  # Ranks (1, 2, 3, 4) against (2, 1, 4, 3): 1 - 6 * 4 / (4 * (16 - 1)) = 0.6.
+  rows = [row(f'm{i}', e, f) for i, (e, f) in enumerate(zip(errors, [0.2, 0.1, 0.4, 0.3]))]
+  rows.append(row('m0', 99.0, -5.0, models='replicas'))  # replica rows do not count
+  found = report_flatness.rank_correlations(rows)
+  assert set(found) == {key for _, key in report_flatness.RANKED}
+  np.testing.assert_allclose(list(found.values()), 0.6, rtol=1e-12)
+  # Flatter with lower error: +1; sharper with lower error: -1.
+  increasing = [row(f'm{i}', e, e * 2) for i, e in enumerate(errors)]
+  assert report_flatness.rank_correlations(increasing)['trace'] == pytest.approx(1.0)
+  decreasing = [row(f'm{i}', e, -e) for i, e in enumerate(errors)]
+  assert report_flatness.rank_correlations(decreasing)['top_eigenvalue'] == pytest.approx(-1.0)
+  line = report_flatness.correlations_markdown(decreasing)
+  assert line.startswith("Spearman's rank correlation with the test error across the 4 methods'")
+  assert 'top eigenvalue -1.00, trace -1.00' in line
+  assert report_flatness.rank_correlations(increasing[:2]) == {}  # too few methods
+  assert report_flatness.correlations_markdown(increasing[:2]) == ''
