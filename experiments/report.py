@@ -13,8 +13,9 @@ commits and CPUs its runs came from.
 between the suite's markers: ``<!-- BEGIN report:<suite> -->`` gets the full
 tables, ``<!-- BEGIN report:<suite>:summary -->`` the short one for the README,
 ``<!-- BEGIN report:<suite>:sweep -->`` the budget sweep alone,
-``<!-- BEGIN report:<suite>:flatness -->`` the flatness table
-(:mod:`experiments.report_flatness`, for runs with a ``flatness.json``).
+``<!-- BEGIN report:<suite>:flatness -->`` the flatness table of the reference
+models (:mod:`experiments.report_flatness`, for runs with a ``flatness.json``;
+the full tables add the replicas).
 
 ``--suite=cpu_kinds`` tabulates the runs under ``<results_dir>/cpu_kinds/``:
 committed runs rerun on another CPU kind, each beside the run of the same name
@@ -507,10 +508,12 @@ def report(results_dir: str, suite: str) -> dict[str, str]:
     plot(runs, suite_dir)
     flatness = report_flatness.load(suite_dir, [run.name for run in runs])
     if flatness:
+      rows = report_flatness.table(group_runs(runs), flatness)
+      # The README's section: the reference models. The full one adds their replicas and
+      # the figures at other image counts.
       sections['flatness'] = report_flatness.markdown(
-          report_flatness.table(group_runs(runs), flatness), flatness)
-      # The README's section is the table; the full one adds the figures at other image counts.
-      sections[''] += ('\n### Flatness\n\n' + sections['flatness']
+          [row for row in rows if row['models'] == 'reference'], flatness)
+      sections[''] += ('\n### Flatness\n\n' + report_flatness.markdown(rows, flatness)
                        + report_flatness.examples_markdown(suite_dir, flatness))
       report_flatness.plot(flatness, suite_dir)
   with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
