@@ -487,8 +487,8 @@ def plot(runs: Sequence[Run], out_dir: str) -> list[str]:
   return paths
 
 
-def report(results_dir: str, suite: str) -> dict[str, str]:
-  """Writes tables.md and the plots of a suite; returns its Markdown sections.
+def report(results_dir: str, suite: str, write: bool = True) -> dict[str, str]:
+  """Writes tables.md and the plots of a suite (unless `write` is False); returns its sections.
 
   Keys: ``''`` (the full tables, also in tables.md), ``'summary'`` and
   ``'sweep'`` (see the module docstring). For ``suite='cpu_kinds'``, ``''``
@@ -505,7 +505,8 @@ def report(results_dir: str, suite: str) -> dict[str, str]:
       raise FileNotFoundError(f'no finished runs in {suite_dir}; run experiments.suite first.')
     sections = {'': markdown(runs), 'summary': summary_markdown(runs),
                 'sweep': sweep_section(runs)}
-    plot(runs, suite_dir)
+    if write:
+      plot(runs, suite_dir)
     flatness = report_flatness.load(suite_dir, [run.name for run in runs])
     if flatness:
       rows = report_flatness.table(group_runs(runs), flatness)
@@ -515,9 +516,11 @@ def report(results_dir: str, suite: str) -> dict[str, str]:
           [row for row in rows if row['models'] == 'reference'], flatness)
       sections[''] += ('\n### Flatness\n\n' + report_flatness.markdown(rows, flatness)
                        + report_flatness.examples_markdown(suite_dir, flatness))
-      report_flatness.plot(flatness, suite_dir)
-  with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
-    f.write(sections[''])
+      if write:
+        report_flatness.plot(flatness, suite_dir)
+  if write:
+    with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
+      f.write(sections[''])
   return sections
 
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -333,3 +335,27 @@ def test_rank_correlations_of_flatness_with_test_error_match_closed_forms():
   assert 'top eigenvalue -1.00, trace -1.00' in line
   assert report_flatness.rank_correlations(increasing[:2]) == {}  # too few methods
   assert report_flatness.correlations_markdown(increasing[:2]) == ''
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MARKED = re.compile(r'<!-- BEGIN report:(\w+)(?::(\w+))? -->\n(.*?)<!-- END report:\1(?::\2)? -->',
+                    re.S)
+
+
+def test_committed_tables_are_what_the_report_builds_from_the_committed_runs():
+  """Every marked table in the README and docs/results.md, and every suite's tables.md."""
+  built = {}
+  for path in (REPO / 'README.md', REPO / 'docs' / 'results.md'):
+    marked = MARKED.findall(path.read_text())
+    assert marked, path
+    for suite_name, section, text in marked:
+      if suite_name not in built:
+        built[suite_name] = report.report(str(REPO / 'experiments' / 'results'), suite_name,
+                                          write=False)
+      assert text == built[suite_name][section], (
+          f'{path.name}: report:{suite_name}{":" + section if section else ""} is not what the '
+          f'committed runs give; run python -m experiments.report --suite={suite_name} '
+          '--readme=README.md,docs/results.md')
+  for suite_name, sections in built.items():
+    tables = REPO / 'experiments' / 'results' / suite_name / 'tables.md'
+    assert tables.read_text() == sections[''], tables
