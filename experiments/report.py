@@ -505,8 +505,6 @@ def report(results_dir: str, suite: str, write: bool = True) -> dict[str, str]:
       raise FileNotFoundError(f'no finished runs in {suite_dir}; run experiments.suite first.')
     sections = {'': markdown(runs), 'summary': summary_markdown(runs),
                 'sweep': sweep_section(runs)}
-    if write:
-      plot(runs, suite_dir)
     flatness = report_flatness.load(suite_dir, [run.name for run in runs])
     if flatness:
       rows = report_flatness.table(group_runs(runs), flatness)
@@ -516,7 +514,9 @@ def report(results_dir: str, suite: str, write: bool = True) -> dict[str, str]:
           [row for row in rows if row['models'] == 'reference'], flatness)
       sections[''] += ('\n### Flatness\n\n' + report_flatness.markdown(rows, flatness)
                        + report_flatness.examples_markdown(suite_dir, flatness))
-      if write:
+    if write:
+      plot(runs, suite_dir)
+      if flatness:
         report_flatness.plot(flatness, suite_dir)
   if write:
     with open(os.path.join(suite_dir, 'tables.md'), 'w') as f:
