@@ -45,11 +45,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from absl import app, flags
+
+from experiments import hlo_allreduces
 
 COMMUNICATING = ('parle', 'elastic_sgd', 'data_parallel_sgd', 'local_sgd', 'diloco')
 ONCE_PER_ROUND = ('parle', 'local_sgd', 'diloco')  # one all-reduce per L steps
@@ -313,182 +315,8 @@ def island_network_model(*, num_parameters: int, num_examples: int, batch_size: 
 
 
 # ---------------------------------------------------------------------------
-# The compiled programs.
+# The compiled programs (their all-reduces read by experiments.hlo_allreduces).
 
-_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
-_ALLREDUCE = re.compile(r'%?([\w.\-]+)\s*=\s*(.+?)\s+all-reduce(?:-start)?\(')
-_SHAPE = re.compile(r'\b(?:f|bf|s|u|pred)\d*\[([\d,]*)\]')
-_CALLED = re.compile(r'(?:body|condition|to_apply|calls|branch_computations|'
-                     r'true_computation|false_computation)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)')
-_GROUPS_LIST = re.compile(r'replica_groups=\{((?:\s*\{[\d,\s]*\}\s*,?)*)\}')
-_GROUPS_IOTA = re.compile(
-    r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?')
-
-
-class AllReduce(NamedTuple):
-  """One all-reduce instruction of a compiled HLO module.
-
-  Attributes:
-    name: the instruction's name (``all-reduce.3``, ``psum.12``).
-    in_loop: whether it lies in a while loop's body (or a computation the
-      body calls): in a round, inside the ``lax.scan`` of ``L`` steps, so it
-      runs ``L`` times a round; the others run once.
-    elements: its payload, in elements (summed over the operands of a
-      combined all-reduce); each of its groups reduces that many.
-    groups: its replica groups, device ids (positions in the module's device
-      assignment); each group all-reduces among itself, in parallel with the
-      others. ``()`` for ``replica_groups={}``: all devices in one group.
-  """
-
-  name: str
-  in_loop: bool
-  elements: int
-  groups: tuple[tuple[int, ...], ...]
-
-
-def _computations(hlo_text: str) -> dict[str, list[str]]:
-  """HLO module text -> {computation name: its instruction lines}."""
-  computations, current = {}, None
-  for line in hlo_text.splitlines():
-    match = _COMPUTATION.match(line.strip()) if not line.startswith(' ') else None
-    if match:
-      current = match.group(1)
-      computations[current] = []
-    elif current is not None and line.strip() and line.strip() != '}':
-      computations[current].append(line)
-  return computations
-
-
-def _loop_computations(computations: dict[str, list[str]]) -> set[str]:
-  """The names of the while loops' bodies and of every computation they call."""
-  called = {name: {c.strip().lstrip('%') for m in _CALLED.findall('\n'.join(lines))
-                   for c in m.split(',')} for name, lines in computations.items()}
-  loop_bodies = set()
-  for lines in computations.values():
-    for line in lines:
-      if ' while(' in line:
-        loop_bodies.update(re.findall(r'body=%?([\w.\-]+)', line))
-  in_loop, frontier = set(), list(loop_bodies)
-  while frontier:
-    name = frontier.pop()
-    if name in in_loop:
-      continue
-    in_loop.add(name)
-    frontier.extend(called.get(name, ()))
-  return in_loop
-
-
-def _elements(result_type: str) -> int:
-  return sum(math.prod(int(d) for d in dims.split(',') if d) for dims in
-             _SHAPE.findall(result_type))
-
-
-def replica_groups(instruction: str) -> tuple[tuple[int, ...], ...]:
-  """The ``replica_groups`` of one HLO instruction's text, as tuples of device ids.
-
-  Reads the explicit form, ``replica_groups={{0,1},{2,3}}``, and XLA's iota
-  form ``replica_groups=[G,S]<=[d0,d1,...]T(p0,p1,...)``: ``arange(prod(d))``
-  reshaped to ``d``, transposed by ``p`` (no ``T(...)``: not transposed) and
-  reshaped to ``G`` groups of ``S``; e.g. ``[4,2]<=[2,4]T(1,0)`` is
-  ``{{0,4},{1,5},{2,6},{3,7}}``. Returns ``()`` for ``replica_groups={}`` or
-  none (all devices in one group).
-  """
-  match = _GROUPS_IOTA.search(instruction)
-  if match:
-    num_groups, size = int(match.group(1)), int(match.group(2))
-    dims = [int(d) for d in match.group(3).split(',')]
-    perm = ([int(p) for p in match.group(4).split(',')] if match.group(4)
-            else list(range(len(dims))))
-    if num_groups * size != math.prod(dims) or sorted(perm) != list(range(len(dims))):
-      raise ValueError(f'replica_groups={match.group(0)[len("replica_groups="):]!r}: '
-                       f'[groups, size] must hold prod(dims) ids and T(...) permute the dims.')
-    ids = np.arange(math.prod(dims)).reshape(dims).transpose(perm).reshape(num_groups, size)
-    return tuple(tuple(int(i) for i in group) for group in ids)
-  match = _GROUPS_LIST.search(instruction)
-  if match:
-    return tuple(tuple(int(i) for i in group.split(',') if i.strip())
-                 for group in re.findall(r'\{([\d,\s]*)\}', match.group(1)))
-  return ()
-
-
-def allreduce_instructions(hlo_text: str) -> list[AllReduce]:
-  """The all-reduce instructions of a compiled HLO module, in text order.
-
-  An instruction is in a loop when its computation is a while loop's body or
-  is called from one (transitively); its payload counts the elements of its
-  result (all operands of a combined all-reduce; ``all-reduce-start`` of an
-  asynchronous pair, not its ``-done``).
-  """
-  computations = _computations(hlo_text)
-  in_loop = _loop_computations(computations)
-  instructions = []
-  for name, lines in computations.items():
-    for line in lines:
-      match = _ALLREDUCE.search(line)
-      if match:
-        instructions.append(AllReduce(match.group(1), name in in_loop,
-                                      _elements(match.group(2)), replica_groups(line)))
-  return instructions
-
-
-def count_allreduces(hlo_text: str) -> dict[str, int]:
-  """All-reduce instructions of a compiled module, inside and outside its loops.
-
-  Returns ``in_loop`` / ``outside`` (instruction counts) and
-  ``in_loop_elements`` / ``outside_elements`` (their payloads, in elements).
-  Loop bodies include every computation they call.
-  """
-  counts = {'in_loop': 0, 'outside': 0, 'in_loop_elements': 0, 'outside_elements': 0}
-  for instruction in allreduce_instructions(hlo_text):
-    where = 'in_loop' if instruction.in_loop else 'outside'
-    counts[where] += 1
-    counts[f'{where}_elements'] += instruction.elements
-  return counts
-
-
-def island_of_groups(groups: Sequence[Sequence[int]], islands: Sequence[Sequence[int]]) -> str:
-  """``'inside'`` when every group lies inside one island, else ``'between'``.
-
-  `islands` lists each island's device ids (as the HLO numbers them); empty
-  `groups` (``replica_groups={}``) is one group of all the islands' devices.
-  Raises ValueError for a device id of no island.
-  """
-  where = {device: i for i, island in enumerate(islands) for device in island}
-  for group in groups or [list(where)]:
-    unknown = [device for device in group if device not in where]
-    if unknown:
-      raise ValueError(f'device {unknown[0]} of replica group {tuple(group)} is in none of the '
-                       f'islands {[list(island) for island in islands]}.')
-    if len({where[device] for device in group}) > 1:
-      return 'between'
-  return 'inside'
-
-
-def island_traffic(instructions: Sequence[AllReduce], islands: Sequence[Sequence[int]],
-                   L: int) -> dict[str, int]:
-  """A compiled round's all-reduces split into inside and between islands.
-
-  For ``w`` in ``inside`` / ``between`` (:func:`island_of_groups`):
-  ``w_in_loop`` / ``w_outside`` count the instructions, ``w_in_loop_elements``
-  / ``w_outside_elements`` sum their payloads (what one group reduces);
-  ``w_per_round`` counts the all-reduces a round runs, each group of an
-  instruction one (``L`` runs of those in the loop, one of the others), and
-  ``w_elements_per_round`` their elements: ``sum(runs * groups * elements)``.
-  """
-  if L < 1:
-    raise ValueError(f'L={L!r} must be >= 1.')
-  traffic = {f'{where}_{key}': 0 for where in ('inside', 'between')
-             for key in ('in_loop', 'outside', 'in_loop_elements', 'outside_elements',
-                         'per_round', 'elements_per_round')}
-  for instruction in instructions:
-    where = island_of_groups(instruction.groups, islands)
-    loop = 'in_loop' if instruction.in_loop else 'outside'
-    runs = (L if instruction.in_loop else 1) * max(1, len(instruction.groups))
-    traffic[f'{where}_{loop}'] += 1
-    traffic[f'{where}_{loop}_elements'] += instruction.elements
-    traffic[f'{where}_per_round'] += runs
-    traffic[f'{where}_elements_per_round'] += runs * instruction.elements
-  return traffic
 
 
 def _compiled_round(optimizer: str, model_name: str, *, num_replicas: int, L: int,
@@ -544,26 +372,28 @@ def _compiled_round(optimizer: str, model_name: str, *, num_replicas: int, L: in
 
 def compiled_allreduces(optimizer: str, model_name: str, *, num_replicas: int, L: int,
                         batch_size: int, devices_per_replica: int = 1) -> dict[str, int]:
-  """Counts the all-reduces of `optimizer`'s compiled round (:func:`count_allreduces`).
+  """Counts the all-reduces of `optimizer`'s compiled round (``count_allreduces``).
 
   One replica per device, or (``devices_per_replica = k > 1``) per island of
-  ``k`` devices: then the dict also holds :func:`island_traffic`'s counts.
+  ``k`` devices: then the dict also holds ``island_traffic``'s counts (both
+  of :mod:`experiments.hlo_allreduces`).
   """
   hlo, islands = _compiled_round(optimizer, model_name, num_replicas=num_replicas, L=L,
                                  batch_size=batch_size, devices_per_replica=devices_per_replica)
-  counts = count_allreduces(hlo)
+  counts = hlo_allreduces.count_allreduces(hlo)
   if devices_per_replica > 1:
-    counts.update(island_traffic(allreduce_instructions(hlo), islands, L))
+    instructions = hlo_allreduces.allreduce_instructions(hlo)
+    counts.update(hlo_allreduces.island_traffic(instructions, islands, L))
   return counts
 
 
 def compiled_island_instructions(optimizer: str, model_name: str, *, num_replicas: int,
                                  devices_per_replica: int, L: int, batch_size: int
-                                 ) -> tuple[list[AllReduce], list[list[int]]]:
+                                 ) -> tuple[list[hlo_allreduces.AllReduce], list[list[int]]]:
   """The all-reduces of `optimizer`'s compiled round over islands, and the islands (ids)."""
   hlo, islands = _compiled_round(optimizer, model_name, num_replicas=num_replicas, L=L,
                                  batch_size=batch_size, devices_per_replica=devices_per_replica)
-  return allreduce_instructions(hlo), islands
+  return hlo_allreduces.allreduce_instructions(hlo), islands
 
 
 def _gb(num_bytes: float) -> str:
@@ -657,7 +487,7 @@ def _print_islands(model_name: str, params: int, examples: int) -> None:
         instructions, islands = compiled_island_instructions(
             optimizer, model_name, num_replicas=n, devices_per_replica=k, L=L,
             batch_size=batch)
-        t = island_traffic(instructions, islands, L)
+        t = hlo_allreduces.island_traffic(instructions, islands, L)
         acc = island_accounting(optimizer, num_parameters=params, num_islands=n,
                                 devices_per_replica=k, L=L)
         extra = (t['inside_elements_per_round'] - acc.inside_allreduces_per_round * params) / (

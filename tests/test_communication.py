@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from experiments import communication
+from experiments import communication, hlo_allreduces
 
 
 def test_accounting_counts_allreduces_per_epoch():
@@ -74,7 +74,7 @@ ENTRY %main (a: f32[3,4], b: f32[5]) -> (f32[3,4], f32[5]) {
   ROOT %o = (f32[3,4], f32[5]) tuple(%a, %b)
 }
 """
-  assert communication.count_allreduces(hlo) == {
+  assert hlo_allreduces.count_allreduces(hlo) == {
       'in_loop': 1, 'in_loop_elements': 12, 'outside': 1, 'outside_elements': 17}
 
 
@@ -106,7 +106,7 @@ def test_parameter_count_is_lenets():
 
 
 def test_replica_groups_reads_explicit_iota_and_empty_forms():
-  groups = communication.replica_groups
+  groups = hlo_allreduces.replica_groups
   assert groups('%a = f32[4] all-reduce(%x), replica_groups={{0,1},{2,3}}, to_apply=%add') == (
       (0, 1), (2, 3))
   # Iota: arange(8) reshaped to [2, 4] -> 2 groups of 4; transposed (1, 0) -> 4 groups of 2.
@@ -151,16 +151,16 @@ _TWO_ISLANDS = [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 def test_allreduce_instructions_read_loops_payloads_and_groups():
   halves, pairs = ((0, 1, 2, 3), (4, 5, 6, 7)), ((0, 4), (1, 5), (2, 6), (3, 7))
-  AllReduce = communication.AllReduce  # pylint: disable=invalid-name
-  assert communication.allreduce_instructions(_ISLAND_HLO) == [
+  AllReduce = hlo_allreduces.AllReduce  # pylint: disable=invalid-name
+  assert hlo_allreduces.allreduce_instructions(_ISLAND_HLO) == [
       AllReduce('grad', True, 12, halves), AllReduce('stats', True, 3, halves),
       AllReduce('couple', False, 17, pairs), AllReduce('all', False, 5, ())]
-  assert communication.count_allreduces(_ISLAND_HLO) == {
+  assert hlo_allreduces.count_allreduces(_ISLAND_HLO) == {
       'in_loop': 2, 'in_loop_elements': 15, 'outside': 2, 'outside_elements': 22}
 
 
 def test_island_of_groups_classifies_inside_and_between():
-  classify = communication.island_of_groups
+  classify = hlo_allreduces.island_of_groups
   assert classify(((0, 1, 2, 3), (4, 5, 6, 7)), _TWO_ISLANDS) == 'inside'
   assert classify(((0, 1), (2, 3), (4, 5), (6, 7)), _TWO_ISLANDS) == 'inside'
   assert classify(((0, 4), (1, 5), (2, 6), (3, 7)), _TWO_ISLANDS) == 'between'
@@ -172,8 +172,8 @@ def test_island_of_groups_classifies_inside_and_between():
 
 
 def test_island_traffic_counts_per_round():
-  instructions = communication.allreduce_instructions(_ISLAND_HLO)
-  traffic = communication.island_traffic(instructions, _TWO_ISLANDS, L=5)
+  instructions = hlo_allreduces.allreduce_instructions(_ISLAND_HLO)
+  traffic = hlo_allreduces.island_traffic(instructions, _TWO_ISLANDS, L=5)
   assert traffic == {
       # grad (12) and stats (3): in the loop, 2 groups each, 5 runs a round.
       'inside_in_loop': 2, 'inside_in_loop_elements': 15, 'inside_outside': 0,
@@ -184,7 +184,7 @@ def test_island_traffic_counts_per_round():
       'between_outside_elements': 22, 'between_per_round': 4 + 1,
       'between_elements_per_round': 4 * 17 + 5}
   with pytest.raises(ValueError, match='L=0 must be >= 1'):
-    communication.island_traffic(instructions, _TWO_ISLANDS, L=0)
+    hlo_allreduces.island_traffic(instructions, _TWO_ISLANDS, L=0)
 
 
 def test_island_accounting_per_round():
@@ -247,12 +247,12 @@ def test_compiled_parle_over_islands_couples_once_between_islands():
       'parle', 'lenet', num_replicas=2, devices_per_replica=4, L=2, batch_size=8)
   assert islands == _TWO_ISLANDS
   in_loop = [i for i in instructions if i.in_loop]
-  assert in_loop and all(communication.island_of_groups(i.groups, islands) == 'inside'
+  assert in_loop and all(hlo_allreduces.island_of_groups(i.groups, islands) == 'inside'
                          and {len(g) for g in i.groups} == {4} for i in in_loop)
   between = [i for i in instructions
-             if communication.island_of_groups(i.groups, islands) == 'between']
+             if hlo_allreduces.island_of_groups(i.groups, islands) == 'between']
   params = communication.parameter_count('lenet')
   assert [(i.in_loop, i.elements, i.groups) for i in between] == [
       (False, params, ((0, 4), (1, 5), (2, 6), (3, 7)))]
-  traffic = communication.island_traffic(instructions, islands, L=2)
+  traffic = hlo_allreduces.island_traffic(instructions, islands, L=2)
   assert (traffic['between_per_round'], traffic['between_elements_per_round']) == (4, 4 * params)

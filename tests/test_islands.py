@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import parle_jax
-from experiments import communication, optimizers, train
+from experiments import hlo_allreduces, optimizers, train
 from experiments.configs import base, fashion_mnist_lenet
 from parle_jax import checkpoint, data, models, training
 from test_faults import _records, _start_processes, _tail, _wait
@@ -106,7 +106,7 @@ def test_island_layout_and_state():
 def test_compiled_round_all_reduces_inside_islands_every_step_and_across_once():
   replicas, round_fn, state, device_data = _round('parle', 2, 4, 8)
   hlo = round_fn.lower(state, device_data).compile().as_text()
-  instructions = communication.allreduce_instructions(hlo)
+  instructions = hlo_allreduces.allreduce_instructions(hlo)
   islands = {(0, 1, 2, 3), (4, 5, 6, 7)}
   in_loop = [a for a in instructions if a.in_loop]
   outside = [a for a in instructions if not a.in_loop]
