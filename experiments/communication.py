@@ -380,9 +380,9 @@ def compiled_allreduces(optimizer: str, model_name: str, *, num_replicas: int, L
   """
   hlo, islands = _compiled_round(optimizer, model_name, num_replicas=num_replicas, L=L,
                                  batch_size=batch_size, devices_per_replica=devices_per_replica)
-  counts = hlo_allreduces.count_allreduces(hlo)
+  instructions = hlo_allreduces.allreduce_instructions(hlo)
+  counts = hlo_allreduces.tally(instructions)
   if devices_per_replica > 1:
-    instructions = hlo_allreduces.allreduce_instructions(hlo)
     counts.update(hlo_allreduces.island_traffic(instructions, islands, L))
   return counts
 

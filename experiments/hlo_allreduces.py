@@ -148,8 +148,13 @@ def count_allreduces(hlo_text: str) -> dict[str, int]:
   ``in_loop_elements`` / ``outside_elements`` (their payloads, in elements).
   Loop bodies include every computation they call.
   """
+  return tally(allreduce_instructions(hlo_text))
+
+
+def tally(instructions: Sequence[AllReduce]) -> dict[str, int]:
+  """``count_allreduces``'s counts of instructions already parsed."""
   counts = {'in_loop': 0, 'outside': 0, 'in_loop_elements': 0, 'outside_elements': 0}
-  for instruction in allreduce_instructions(hlo_text):
+  for instruction in instructions:
     where = 'in_loop' if instruction.in_loop else 'outside'
     counts[where] += 1
     counts[f'{where}_elements'] += instruction.elements

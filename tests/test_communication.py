@@ -157,6 +157,8 @@ def test_allreduce_instructions_read_loops_payloads_and_groups():
       AllReduce('couple', False, 17, pairs), AllReduce('all', False, 5, ())]
   assert hlo_allreduces.count_allreduces(_ISLAND_HLO) == {
       'in_loop': 2, 'in_loop_elements': 15, 'outside': 2, 'outside_elements': 22}
+  assert hlo_allreduces.tally([AllReduce('couple', False, 17, pairs)]) == {
+      'in_loop': 0, 'in_loop_elements': 0, 'outside': 1, 'outside_elements': 17}
 
 
 def test_island_of_groups_classifies_inside_and_between():
