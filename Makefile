@@ -37,7 +37,7 @@ train: env data
 	$(BIN)/python -m experiments.train --config=experiments/configs/default.py --workdir=$(WORKDIR)
 
 test: env data
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest tests -q --durations=15 -n $(TEST_WORKERS) --dist=loadfile
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest tests -q --durations=15 -n $(TEST_WORKERS) --dist=loadfile --no-loadscope-reorder
 
 benchmark: env
 	$(BIN)/python -m experiments.benchmark

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import types
 from typing import Any, Mapping
 
 import jax
@@ -38,6 +40,28 @@ def write_atomically(path: str, text: str) -> None:
     if os.path.exists(temporary):
       os.remove(temporary)
     raise
+
+
+# TensorBoard's own switch to its TensorFlow stub: the module of its `no_tensorflow` build target.
+_TENSORBOARD_NO_TENSORFLOW = 'tensorboard.compat.notf'
+
+
+def tensorboard_without_tensorflow() -> bool:
+  """Makes TensorBoard's event writer use its TensorFlow stub, for the whole process.
+
+  With TensorFlow installed (TFDS brings it), ``tensorboard.compat.tf`` imports
+  all of it on the first event file, about 9 s of a 2-core CPU in every process
+  that trains, though the writer needs only local file I/O, which TensorBoard's
+  stub provides. TensorBoard takes the stub when the module
+  ``tensorboard.compat.notf`` exists; this registers an empty one. The binaries
+  call it in ``main``; a library does not, since it would change TensorBoard for
+  the rest of its user's process. Does nothing where TensorFlow is already
+  imported (it is then free). Returns whether the stub is chosen.
+  """
+  if 'tensorflow' in sys.modules:
+    return _TENSORBOARD_NO_TENSORFLOW in sys.modules
+  sys.modules.setdefault(_TENSORBOARD_NO_TENSORFLOW, types.ModuleType(_TENSORBOARD_NO_TENSORFLOW))
+  return True
 
 
 class MetricWriter:

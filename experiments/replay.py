@@ -223,8 +223,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not _RUN.value:
     raise app.UsageError('--run is required.')
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import metric_writer, train  # pylint: disable=g-import-not-at-top
   train.quiet_orbax_logs()
+  metric_writer.tensorboard_without_tensorflow()
   changed = {field: flag.value for field, flag in
              (('mapping', _MAPPING), ('conv', _CONV), ('device_map', _DEVICE_MAP))
              if flag.value is not None}

@@ -51,7 +51,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from experiments import landscape, machine, optimizers, train
+from experiments import landscape, machine, metric_writer, optimizers, train
 from experiments import workdir as workdir_lib
 from experiments.configs import default, fashion_mnist_lenet, fashion_mnist_wrn16_4
 
@@ -315,7 +315,9 @@ def measure_flatness(name: str, runs, runs_dir: str, results_dir: str,
                       os.path.join(kept, landscape.FLATNESS))
       logging.info('%s: %s', run, landscape.summary_line(result))
     measured.append(run)
-    jax.clear_caches()
+    # The runs share the compiled programs (same model, same settings): kept
+    # unless the process's memory mappings run high.
+    machine.release_compiled_programs_if_many()
   return measured
 
 
@@ -323,6 +325,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   train.quiet_orbax_logs()
+  metric_writer.tensorboard_without_tensorflow()
   flatness = (landscape.Settings(examples=FLAGS.landscape_examples) if FLAGS.landscape
               else None)
   run_suite(FLAGS.suite, FLAGS.runs_dir, FLAGS.results_dir, [int(s) for s in FLAGS.seeds],

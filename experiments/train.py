@@ -36,7 +36,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed, errors, faults, loop, optimizers, provenance
+from experiments import distributed, errors, faults, loop, metric_writer, optimizers, provenance
 from experiments.experiment import (  # re-exported: train.Experiment etc.
     Experiment, data_dir, quiet_orbax_logs, started_with)  # pylint: disable=unused-import
 from experiments import workdir as workdir_lib
@@ -164,6 +164,7 @@ def main(argv):
   if _WORKDIR.value is None or _CONFIG.value is None:
     raise app.UsageError('--config and --workdir are required.')
   quiet_orbax_logs()
+  metric_writer.tensorboard_without_tensorflow()  # 9 s less per process
 
   def run():
     with errors.config_errors():

@@ -13,7 +13,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 
 
-import gc  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,31 +21,18 @@ FASHION_MNIST_DIR = pathlib.Path(
     os.environ.get('PARLE_FASHION_MNIST_DIR', '/usr/share/datasets/fashion-mnist'))
 
 
-def _memory_maps() -> tuple[int, int]:
-  """(this process's memory mappings, the kernel's limit); (0, 1) off Linux."""
-  try:
-    with open('/proc/self/maps') as maps, open('/proc/sys/vm/max_map_count') as limit:
-      return sum(1 for _ in maps), int(limit.read())
-  except OSError:
-    return 0, 1
-
-
 @pytest.fixture(scope='module', autouse=True)
 def release_compiled_programs():
-  """Drops JAX's compiled programs after a test module once mappings run high.
+  """Drops JAX's compiled programs after a test module once memory mappings run high.
 
-  Every XLA:CPU executable keeps its own memory mappings. The whole suite in one
-  process compiles thousands of programs and, without this, passes Linux's
-  vm.max_map_count (65530) near its end; XLA then segfaults in the next compile.
-  Clearing after every module would recompile shared programs (minutes of CI), so
-  this clears only past half the limit.
+  The whole suite in one process compiles thousands of programs and, without
+  this, passes Linux's vm.max_map_count (65530) near its end; XLA then
+  segfaults in the next compile. Clearing after every module would recompile
+  shared programs (minutes of CI), so this clears only past half the limit.
   """
   yield
-  count, limit = _memory_maps()
-  if count > limit // 2:
-    import jax  # after the XLA flags above
-    jax.clear_caches()
-    gc.collect()
+  from experiments import machine  # after the XLA flags above
+  machine.release_compiled_programs_if_many()
 
 
 # Under pytest-xdist, ``make test`` sends whole test modules to its two workers
@@ -57,14 +43,16 @@ def release_compiled_programs():
 # no longer changes it (checked 2026-12-06), so the groups never reach the scheduler.
 
 
-# The slowest modules first (seconds in a fresh clone's `make test`, 2026-12-06), so that
-# --dist=loadfile does not hand one to a worker while the other has nothing left: the
-# suite's end then waited minutes on one worker.
+# The slowest modules first (seconds of both workers in a full run, 2026-12-07), so
+# that --dist=loadfile does not hand one to a worker while the other has nothing
+# left: the suite's end then waited minutes on one worker. `make test` passes
+# --no-loadscope-reorder, or pytest-xdist would instead order modules by their
+# number of tests (its default), which put these last.
 SLOWEST_MODULES = (
-    'test_faults', 'test_replay', 'test_train', 'test_islands', 'test_landscape',
-    'test_checkpoint_integrity', 'test_repeatability', 'test_benchmark', 'test_execution_paths',
-    'test_workdir_lock', 'test_datasets', 'test_nnx', 'test_rounds', 'test_communication',
-    'test_roofline')
+    'test_train', 'test_faults', 'test_replay', 'test_islands', 'test_landscape',
+    'test_checkpoint_integrity', 'test_execution_paths', 'test_benchmark', 'test_repeatability',
+    'test_nnx', 'test_workdir_lock', 'test_notebooks', 'test_roofline', 'test_communication',
+    'test_conv', 'test_shard_map', 'test_sampling', 'test_doctests')
 
 
 def pytest_collection_modifyitems(items):

@@ -84,7 +84,8 @@ def _measure(*args, **kwargs):
 def suite_results(runs, tmp_path_factory):
   """The tiny runs as a default_job suite, measured by suite.measure_flatness.
 
-  Returns (results dir, entries).
+  Returns (results dir, entries). Every model of both runs is measured with
+  one compilation of each program.
 
   Its third run's workdir is gone, so it is skipped (with a warning).
   """
@@ -103,10 +104,15 @@ def suite_results(runs, tmp_path_factory):
       os.symlink(source, runs_dir / name)
     config, _ = base.with_defaults(json.load(open(os.path.join(source, 'config.json'))))
     entries.append((name, config))
+  programs = (landscape._curvature, landscape._density, landscape._sharpness,
+              landscape._local_entropy, landscape._random_direction)
+  before = [program._cache_size() for program in programs]
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE):
     measured = suite.measure_flatness('default_job', entries, str(runs_dir.parent),
                                       str(results_dir.parent), SMALL)
   assert measured == ['parle_n3_seed0', 'sgd_replica_budget_seed0']
+  # Both runs' four models, one compilation of each figure's program.
+  assert [program._cache_size() for program in programs] == [n + 1 for n in before]
   return results_dir, entries
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import optimizers, report, report_flatness, suite
+from experiments import machine, optimizers, report, report_flatness, suite
 
 MACHINE = {'device_kind': 'cpu', 'cpu_count': 2, 'jax': '0.10.2', 'platform': 'cpu',
            'device_count': 1, 'hostname': 'h', 'processor': 'x86_64'}
@@ -142,6 +142,19 @@ def test_sweep_runs_parle_and_sgd_on_both_budgets_at_each_length():
       assert plan.gradient_evaluations(plan.total_rounds) == pytest.approx(gradients, rel=0.01)
       drops = [e / config.epochs for e in config.lr_drop_epochs]
       assert drops == pytest.approx([0.5, 0.75])
+
+
+def test_compiled_programs_are_released_only_once_memory_mappings_run_high(monkeypatch):
+  count, limit = machine.memory_maps()
+  assert 0 < count < limit  # this process's mappings, under Linux's vm.max_map_count
+  compiled = jax.jit(lambda x: 3 * x)
+  compiled(jnp.ones(2))
+  monkeypatch.setattr(machine, 'memory_maps', lambda: (500, 1000))
+  assert not machine.release_compiled_programs_if_many()
+  assert compiled._cache_size() == 1  # kept: later work shares it
+  monkeypatch.setattr(machine, 'memory_maps', lambda: (501, 1000))
+  assert machine.release_compiled_programs_if_many()
+  assert compiled._cache_size() == 0
 
 
 def test_run_suite_keeps_raw_files_and_skips_finished_runs(tmp_path, monkeypatch):
