@@ -8,8 +8,9 @@ import os
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# The training binary's persistent compilation cache stays off in the tests (no
-# writes into the home directory); tests that want it pass a directory.
+# The training binary's persistent compilation cache stays out of the home
+# directory: off here, and a directory per test worker for the binaries the tests
+# start (`compilation_cache_for_binaries`).
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 
 
@@ -33,6 +34,25 @@ def release_compiled_programs():
   yield
   from experiments import machine  # after the XLA flags above
   machine.release_compiled_programs_if_many()
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache_for_binaries(tmp_path_factory):
+  """A persistent compilation cache, one per test worker, for the training binaries tests start.
+
+  A test that launches `experiments.train` several times on one config (killed
+  and resumed, a held workdir, a straight run to compare with) would compile
+  the same programs in every process: LeNet's initialisation alone compiles in
+  8-15 s on 2 cores. A cached program is the same program, so the numbers do
+  not change. Multi-process runs never use it (distributed.enable_compilation_cache),
+  nor does this process; a test that sets PARLE_COMPILATION_CACHE itself wins.
+  """
+  if os.environ.get('PARLE_COMPILATION_CACHE'):
+    yield
+    return
+  os.environ['PARLE_COMPILATION_CACHE'] = str(tmp_path_factory.mktemp('compilation_cache'))
+  yield
+  os.environ['PARLE_COMPILATION_CACHE'] = ''
 
 
 # Under pytest-xdist, ``make test`` sends whole test modules to its two workers
