@@ -14,6 +14,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 
 
+import fcntl  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -82,14 +83,26 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope='session')
 def fashion_mnist_data_dir(tmp_path_factory):
-  """A data dir with Fashion-MNIST prepared once per test session (about 40 s)."""
+  """A data dir with Fashion-MNIST, prepared once per test run (about 40-55 s on 2 cores).
+
+  Under pytest-xdist the workers share it: it lives in their common base
+  directory, and the first worker to get there prepares it under a file lock
+  while the other waits, then reads it (data.load's caches are written through
+  a temporary file and a rename, so a later cache write never tears a file).
+  """
   from parle_jax import data  # after the XLA flags above
   if not all((FASHION_MNIST_DIR / f).is_file() for f in data.FASHION_MNIST_FILES.values()):
     pytest.fail(f'no Fashion-MNIST files in {FASHION_MNIST_DIR}: run '
                 "'apt-get install -y dataset-fashion-mnist' (make test does it as root).")
-  data_dir = tmp_path_factory.mktemp('tfds')
-  for split in ('train', 'test'):
-    data.load('fashion_mnist', split, data_dir)
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # pytest-of-<user>/pytest-<n>, above every worker's own
+  data_dir = root / 'fashion_mnist_tfds'
+  with open(root / 'fashion_mnist_tfds.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    data_dir.mkdir(exist_ok=True)
+    for split in ('train', 'test'):
+      data.load('fashion_mnist', split, data_dir)  # prepares it, or reads what is prepared
   return data_dir
 
 
