@@ -19,6 +19,10 @@ Run it with the environment the run had (``XLA_FLAGS`` decides the device
 count): the test in ``tests/test_replay.py`` does. Exit status 0 when the
 numbers agree as required, 1 otherwise.
 
+``--rounds=N`` replays only the first N rounds (their logged training values;
+an evaluation too if one was logged by then): a cheaper check of a run whose
+first evaluation comes late.
+
 ``--mapping``, ``--conv`` and ``--device_map`` replay with another setting
 than the run's (and another ``XLA_FLAGS`` with another device count): on the
 run's own CPU kind this measures what the setting alone changes, printed as
@@ -38,7 +42,7 @@ from typing import Any, Optional
 
 from absl import app, flags
 
-from experiments import provenance
+from experiments import errors, provenance
 from experiments.configs import base
 from experiments import workdir as workdir_lib
 
@@ -164,10 +168,16 @@ SETTINGS = ('mapping', 'conv', 'device_map')  # what a replay may change (see th
 
 
 def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None,
-           changed: Optional[dict[str, str]] = None) -> Comparison:
+           changed: Optional[dict[str, str]] = None,
+           rounds: Optional[int] = None) -> Comparison:
   """Replays `run_dir` (config.json, metrics.jsonl, summary.json) to its first evaluation.
 
-  `changed` replays with other :data:`SETTINGS` than the run's.
+  `changed` replays with other :data:`SETTINGS` than the run's; `rounds`
+  replays only the first `rounds` rounds, comparing what was logged by then.
+
+  Raises:
+    ValueError: for a setting a replay cannot change; errors.ConfigError (a
+      ValueError) for `rounds` before the log's first record or past the run's.
   """
   changed = dict(changed or {})
   unknown = sorted(set(changed) - set(SETTINGS))
@@ -181,6 +191,13 @@ def replay(run_dir: str, data_dir: str = '', scratch: Optional[str] = None,
     summary = json.load(f)
   logged = _records(os.path.join(run_dir, workdir_lib.METRICS))
   last_round = first_evaluation_round(logged)
+  if rounds is not None:
+    first_logged = min(r['round'] for r in logged)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < first_logged:
+      raise errors.ConfigError(f'--rounds={rounds!r} replays nothing that was logged: the log of '
+                               f'{run_dir} starts at round {first_logged}; give --rounds >= '
+                               f'{first_logged}.')
+    last_round = rounds
   config.compare_to_sgd, config.progress_bar = False, False
   if data_dir:
     config.data_dir = data_dir
@@ -216,6 +233,8 @@ _CONV = flags.DEFINE_enum('conv', None, ['xla', 'matmul'],
                           "Replay with these convolutions instead of the run's.")
 _DEVICE_MAP = flags.DEFINE_enum('device_map', None, ['pmap', 'shard_map'],
                                 "Replay with this device axis instead of the run's.")
+_ROUNDS = flags.DEFINE_integer('rounds', None, 'Replay only the first ROUNDS rounds (default: up '
+                               'to the first logged evaluation).', lower_bound=1)
 
 
 def main(argv):
@@ -229,9 +248,14 @@ def main(argv):
   changed = {field: flag.value for field, flag in
              (('mapping', _MAPPING), ('conv', _CONV), ('device_map', _DEVICE_MAP))
              if flag.value is not None}
-  comparison = replay(_RUN.value, _DATA_DIR.value, changed=changed)
-  print(comparison.summary())
-  return 1 if comparison.mismatches else 0
+  from experiments import faults  # pylint: disable=g-import-not-at-top
+  replayed = []
+  status = faults.exit_code(lambda: replayed.append(
+      replay(_RUN.value, _DATA_DIR.value, changed=changed, rounds=_ROUNDS.value)))
+  if status:
+    return status  # bad input: one line
+  print(replayed[0].summary())
+  return 1 if replayed[0].mismatches else 0
 
 
 if __name__ == '__main__':

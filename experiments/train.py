@@ -102,8 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       experiment = Experiment(config, **(started or started_with(config, record)))  # no writes
       if stop_after_round is not None:
         if not 0 < stop_after_round <= experiment.plan.total_rounds:
-          raise ValueError(f'stop_after_round={stop_after_round} is outside the plan\'s rounds '
-                           f'1..{experiment.plan.total_rounds}.')
+          raise errors.ConfigError(f'stop_after_round={stop_after_round} (a replay\'s --rounds) is '
+                                   f'outside the plan\'s rounds 1..{experiment.plan.total_rounds}.')
         experiment.plan = dataclasses.replace(experiment.plan, total_rounds=stop_after_round)
       holding.enter_context(faults.WorkdirLock(workdir))  # held until the end, before any write
       checkpointer = faults.open_workdir(workdir, config_json, overwrite=overwrite,

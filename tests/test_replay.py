@@ -1,7 +1,9 @@
 """Logged runs are golden files: the start of committed runs, replayed from their own config.
 
 Each replay trains a committed run's ``config.json`` up to its first logged
-evaluation in a subprocess with the run's ``XLA_FLAGS`` (so its device count)
+evaluation (the default job's two runs, whose first evaluation is at round 24
+of 120, up to their first logged losses at round 4: the other four compare an
+evaluation of the same code) in a subprocess with the run's ``XLA_FLAGS`` (so its device count)
 and compares the log with :mod:`experiments.replay`: digit for digit on the
 CPU kind the run came from, within the stated tolerance on another kind (a
 warning then says so). A change that moves a logged number fails here until
@@ -21,18 +23,20 @@ from experiments import provenance, replay
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = REPO / 'experiments' / 'results'
-REPLAYED = (  # the default job's Parle run, SGD, local SGD, Elastic-SGD and the sweep
-    'default_job/parle_n3_seed0',
-    'default_job/sgd_replica_budget_seed0',
-    'fashion_mnist_lenet_sweep/parle_n3_r12_seed0',
-    'fashion_mnist_lenet_sweep/sgd_total_budget_r12_seed0',
-    'fashion_mnist_lenet_cpu/local_sgd_n3_seed0',
-    'fashion_mnist_lenet_cpu/elastic_sgd_n3_seed0',
+# The default job's Parle run, SGD, local SGD, Elastic-SGD and the sweep: (run, --rounds).
+REPLAYS = (
+    ('default_job/parle_n3_seed0', 4),
+    ('default_job/sgd_replica_budget_seed0', 4),
+    ('fashion_mnist_lenet_sweep/parle_n3_r12_seed0', None),
+    ('fashion_mnist_lenet_sweep/sgd_total_budget_r12_seed0', None),
+    ('fashion_mnist_lenet_cpu/local_sgd_n3_seed0', None),
+    ('fashion_mnist_lenet_cpu/elastic_sgd_n3_seed0', None),
 )
+REPLAYED = tuple(run for run, _ in REPLAYS)
 
 
-@pytest.mark.parametrize('run', REPLAYED)
-def test_replay_of_a_logged_run_matches_its_log(run, fashion_mnist_data_dir, tmp_path):
+@pytest.mark.parametrize('run, rounds', REPLAYS)
+def test_replay_of_a_logged_run_matches_its_log(run, rounds, fashion_mnist_data_dir, tmp_path):
   run_dir = RESULTS / run
   summary = json.loads((run_dir / 'summary.json').read_text())
   segments = summary.get('provenance') or []
@@ -40,14 +44,29 @@ def test_replay_of_a_logged_run_matches_its_log(run, fashion_mnist_data_dir, tmp
              XLA_FLAGS=segments[0]['xla_flags'] if segments else '')
   process = subprocess.run(
       [sys.executable, '-m', 'experiments.replay', f'--run={run_dir}',
-       f'--data_dir={fashion_mnist_data_dir}'], cwd=REPO, env=env, capture_output=True,
+       f'--data_dir={fashion_mnist_data_dir}'] + ([f'--rounds={rounds}'] if rounds else []),
+      cwd=REPO, env=env, capture_output=True,
       text=True, timeout=900)
   lines = [l for l in process.stdout.splitlines() if l.startswith(('logged on', '  round')) or
            'values compared' in l]
   assert process.returncode == 0, '\n'.join(lines) + process.stderr[-3000:]
   assert any('values compared' in l and ': agree' in l for l in lines), process.stdout[-3000:]
+  if rounds:  # round 4's train loss and error, no evaluation
+    assert any(l.startswith('2 values compared') for l in lines), lines
   if 'bitwise' not in '\n'.join(lines):
     warnings.warn(f'{run}: ' + ' | '.join(lines))  # another CPU kind: says so, passes
+
+
+def test_a_replay_of_fewer_rounds_than_the_log_starts_at_is_one_line(tmp_path):
+  process = subprocess.run(
+      [sys.executable, '-m', 'experiments.replay', f'--run={RESULTS / REPLAYED[0]}',
+       '--rounds=3'], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+      text=True, timeout=300)
+  assert process.returncode == 1, process.stderr[-3000:]
+  assert 'Traceback' not in process.stderr, process.stderr[-3000:]
+  assert process.stderr.strip().splitlines()[-1] == (
+      f'error: --rounds=3 replays nothing that was logged: the log of {RESULTS / REPLAYED[0]} '
+      'starts at round 4; give --rounds >= 4.'), process.stderr[-3000:]
 
 
 def _log(*records):
