@@ -9,8 +9,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The training binary's persistent compilation cache stays out of the home
-# directory: off here, and a directory per test worker for the binaries the tests
-# start (`compilation_cache_for_binaries`).
+# directory: a directory per test worker instead (`compilation_cache`).
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 
 
@@ -38,21 +37,30 @@ def release_compiled_programs():
 
 
 @pytest.fixture(scope='session', autouse=True)
-def compilation_cache_for_binaries(tmp_path_factory):
-  """A persistent compilation cache, one per test worker, for the training binaries tests start.
+def persistent_compilation_cache(tmp_path_factory):
+  """A persistent compilation cache, one per test worker, for this process and the binaries.
 
-  A test that launches `experiments.train` several times on one config (killed
-  and resumed, a held workdir, a straight run to compare with) would compile
-  the same programs in every process: LeNet's initialisation alone compiles in
-  8-15 s on 2 cores. A cached program is the same program, so the numbers do
-  not change. Multi-process runs never use it (distributed.enable_compilation_cache),
-  nor does this process; a test that sets PARLE_COMPILATION_CACHE itself wins.
+  Tests build the same programs again and again: every run of a config builds
+  its round as a new function, so JAX's in-memory cache misses and XLA
+  compiles it again (2-8 s for LeNet on 2 cores), and a test that launches
+  `experiments.train` several times on one config (killed and resumed, a held
+  workdir, a straight run to compare with) would compile the same programs in
+  every process. JAX's persistent cache finds a program by its HLO, flags and
+  devices, and a cached program is the same program, so the numbers do not
+  change (the binary uses one by default too). Multi-process runs never use it
+  (distributed.enable_compilation_cache); a test that sets
+  PARLE_COMPILATION_CACHE itself wins.
   """
   if os.environ.get('PARLE_COMPILATION_CACHE'):
     yield
     return
-  os.environ['PARLE_COMPILATION_CACHE'] = str(tmp_path_factory.mktemp('compilation_cache'))
+  import jax  # after the XLA flags above
+  directory = str(tmp_path_factory.mktemp('compilation_cache'))
+  os.environ['PARLE_COMPILATION_CACHE'] = directory
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', directory)
   yield
+  jax.config.update('jax_compilation_cache_dir', previous)
   os.environ['PARLE_COMPILATION_CACHE'] = ''
 
 
@@ -70,10 +78,10 @@ def compilation_cache_for_binaries(tmp_path_factory):
 # --no-loadscope-reorder, or pytest-xdist would instead order modules by their
 # number of tests (its default), which put these last.
 SLOWEST_MODULES = (
-    'test_train', 'test_faults', 'test_replay', 'test_islands', 'test_landscape',
-    'test_checkpoint_integrity', 'test_execution_paths', 'test_benchmark', 'test_repeatability',
-    'test_nnx', 'test_workdir_lock', 'test_notebooks', 'test_roofline', 'test_communication',
-    'test_conv', 'test_shard_map', 'test_sampling', 'test_doctests')
+    'test_train', 'test_faults', 'test_replay', 'test_checkpoint_integrity', 'test_islands',
+    'test_execution_paths', 'test_benchmark', 'test_landscape', 'test_nnx', 'test_notebooks',
+    'test_communication', 'test_repeatability', 'test_roofline', 'test_conv', 'test_workdir_lock',
+    'test_flatness', 'test_shard_map', 'test_sampling', 'test_doctests')
 
 
 def pytest_collection_modifyitems(items):

@@ -43,19 +43,7 @@ def run(config, workdir, **kwargs):
 
 
 @pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-  """A persistent compilation cache for the module: the resumed runs find their programs."""
-  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update('jax_compilation_cache_dir', previous)
-  compilation_cache.reset_cache()
-
-
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory, cache):
+def straight(tmp_path_factory):
   """An uninterrupted run: (its config, its workdir)."""
   root = tmp_path_factory.mktemp('straight')
   config = _config(root / 'data')
@@ -201,7 +189,7 @@ def test_kill_during_the_move_aside_loses_nothing(when, straight, tmp_path, capl
   _same_run(workdir, straight[1])
 
 
-def test_divergence_names_only_a_verified_checkpoint_good(tmp_path, cache, caplog):
+def test_divergence_names_only_a_verified_checkpoint_good(tmp_path, caplog):
   """A corrupt last good checkpoint is moved aside; the message names the one before it."""
   # The loss becomes NaN at step 0 of round 4 (see test_faults): round 3's checkpoint is out.
   config = _config(tmp_path / 'data', rounds=5, checkpoint_every_rounds=1,

@@ -92,19 +92,7 @@ def test_round_check_names_the_replica_and_round():
 DIVERGING_LR = 20.0
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """A persistent compilation cache for one test: a run resumed in-process finds its programs."""
-  from jax._src import compilation_cache as cache  # pylint: disable=g-import-not-at-top
-  previous = jax.config.jax_compilation_cache_dir
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'jax_cache'))
-  cache.reset_cache()  # as JAX's own tests do, so that the new directory is used
-  yield
-  jax.config.update('jax_compilation_cache_dir', previous)
-  cache.reset_cache()
-
-
-def test_nan_stops_the_run_then_rollback_lowers_the_learning_rates(tmp_path, compilation_cache):
+def test_nan_stops_the_run_then_rollback_lowers_the_learning_rates(tmp_path):
   """Stop keeps the last good checkpoint; resumed with rollback, the run finishes."""
   config = tiny(fashion_mnist_lenet.get_config(), tmp_path / 'data', rounds=5,
                 learning_rate=DIVERGING_LR, inner_learning_rate=DIVERGING_LR,
