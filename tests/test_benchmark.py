@@ -18,6 +18,10 @@ from experiments import benchmark
 from experiments.configs import base
 
 L, BATCH, N = 2, 8, 2
+# The optimizers timed here (each compiles its round): the baseline, Parle, the two that need
+# 'vmap' for per-step collectives (one splitting the batch) and DiLoCo's outer step. Entropy-SGD
+# and local SGD build their rounds the same ways; every optimizer trains in test_train.py.
+TIMED = ('sgd', 'parle', 'elastic_sgd', 'data_parallel_sgd', 'diloco')
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +42,7 @@ def report(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch, jax.default_prng_impl('rbg'), \
        flagsaver.flagsaver(models=['lenet'], L=L, batch=BATCH, replicas=[str(N)], repeats=1,
                            dataset_size=64, json_out=str(path),
-                           optimizers=list(base.OPTIMIZERS), optimizer_replicas=N), \
+                           optimizers=list(TIMED), optimizer_replicas=N), \
        contextlib.redirect_stdout(out):
     patch.setitem(benchmark.MODELS, 'lenet', (('lenet', 10), {'dropout': 0.0}, (28, 28, 1)))
     benchmark.main([])
@@ -110,10 +114,9 @@ def test_printed_report_names_machine_and_targets(report):
 def test_every_optimizer_round_is_timed_as_training_builds_it(report):
   text, results = report
   timed = results['models']['lenet']['optimizers']
-  assert list(timed) == list(base.OPTIMIZERS)
-  expected = {'parle': (N, BATCH), 'entropy_sgd': (1, BATCH), 'elastic_sgd': (N, BATCH),
-              'sgd': (1, BATCH), 'data_parallel_sgd': (N, BATCH), 'local_sgd': (N, BATCH),
-              'diloco': (N, BATCH)}  # batch per replica/worker
+  assert list(timed) == list(TIMED)
+  expected = {'parle': (N, BATCH), 'elastic_sgd': (N, BATCH), 'sgd': (1, BATCH),
+              'data_parallel_sgd': (N, BATCH), 'diloco': (N, BATCH)}  # batch per replica/worker
   for optimizer, (replicas, batch) in expected.items():
     t = timed[optimizer]
     assert (t['replicas'], t['batch_per_replica']) == (replicas, batch), optimizer
@@ -125,8 +128,7 @@ def test_every_optimizer_round_is_timed_as_training_builds_it(report):
   rows = [line.split() for line in text.splitlines() if line.startswith('lenet ')]
   sgd_row = next(r for r in rows if r[1] == 'sgd')
   assert sgd_row[-1] == '1.00'
-  for optimizer in base.OPTIMIZERS:
-    assert any(r[1] == optimizer for r in rows), optimizer
+  assert {r[1] for r in rows if r[1] in base.OPTIMIZERS} == set(TIMED)  # a row each, no other
 
 
 def test_verdict_and_ratios_on_made_up_numbers():

@@ -182,10 +182,10 @@ def test_models_give_the_same_logits_and_gradients_with_either_conv():
                             train=True, mutable=['batch_stats'])
     return jnp.sum(jax.nn.log_softmax(logits)[:, 0]), logits
 
-  (_, logits_xla), g_xla = jax.value_and_grad(functools.partial(loss, model_xla), has_aux=True)(
-      variables['params'])
-  (_, logits_mm), g_mm = jax.value_and_grad(functools.partial(loss, model_mm), has_aux=True)(
-      variables['params'])
+  (_, logits_xla), g_xla = jax.jit(jax.value_and_grad(functools.partial(loss, model_xla),
+                                                       has_aux=True))(variables['params'])
+  (_, logits_mm), g_mm = jax.jit(jax.value_and_grad(functools.partial(loss, model_mm),
+                                                    has_aux=True))(variables['params'])
   _assert_close(logits_mm, logits_xla, 'logits')
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(g_mm), jax.tree.leaves(g_xla)):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * (float(np.max(np.abs(want))) + 1e-3),

@@ -284,26 +284,3 @@ def test_two_processes_stop_together_survive_a_dead_peer_and_match_one_process(
   np.testing.assert_allclose([r['train/loss'] for r in records if 'train/loss' in r],
                              [r['train/loss'] for r in _records(one) if 'train/loss' in r],
                              rtol=1e-5)
-
-
-def test_two_processes_with_shard_map_match_one_process_with_pmap(fashion_mnist_data_dir,
-                                                                  tmp_path):
-  """device_map='shard_map' over a Mesh of 2 processes x 2 devices = pmap in 1 process x 4."""
-  workdir, logs = tmp_path / 'two', tmp_path / 'logs'
-  logs.mkdir()
-  overrides = dict(data_dir=str(fashion_mnist_data_dir), L=2, batch_size=8, num_replicas=4,
-                   epochs=2 / 7500, mapping='vmap', progress_bar=False, log_every_rounds=1,
-                   bn_recompute_batches=2, train_eval_examples=32)
-  processes = _start_processes(workdir, dict(overrides, device_map='shard_map'), logs)
-  assert _wait(processes, logs, 400) == [0, 0], _tail(logs)
-  one = tmp_path / 'one'
-  config = fashion_mnist_lenet.get_config()
-  config.update(overrides)
-  train.train_and_evaluate(config, str(one))
-  for a, b in zip(jax.tree.leaves(checkpoint.load_variables(str(workdir / 'reference'))),
-                  jax.tree.leaves(checkpoint.load_variables(str(one / 'reference')))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  two_losses = [r['train/loss'] for r in _records(workdir) if 'train/loss' in r]
-  assert len(two_losses) == 2
-  np.testing.assert_allclose(two_losses, [r['train/loss'] for r in _records(one)
-                                          if 'train/loss' in r], rtol=1e-5)
