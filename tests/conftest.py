@@ -9,7 +9,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The training binary's persistent compilation cache stays out of the home
-# directory: a directory per test worker instead (`compilation_cache`).
+# directory: a directory per test worker instead (`persistent_compilation_cache`).
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 
 
@@ -55,10 +55,11 @@ def persistent_compilation_cache(tmp_path_factory):
     yield
     return
   import jax  # after the XLA flags above
+  from experiments import distributed
   directory = str(tmp_path_factory.mktemp('compilation_cache'))
   os.environ['PARLE_COMPILATION_CACHE'] = directory
   previous = jax.config.jax_compilation_cache_dir
-  jax.config.update('jax_compilation_cache_dir', directory)
+  distributed.enable_compilation_cache(directory)  # as the binaries turn it on
   yield
   jax.config.update('jax_compilation_cache_dir', previous)
   os.environ['PARLE_COMPILATION_CACHE'] = ''
