@@ -11,6 +11,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The training binary's persistent compilation cache stays out of the home
 # directory: a directory per test worker instead (`persistent_compilation_cache`).
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
+# ... and caches every program, not only those that compile in over 1 s (JAX's default):
+# the suite compiles the same small programs (init, evaluation, checks) in many tests.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
 import fcntl  # noqa: E402
