@@ -29,6 +29,16 @@ def data_dir(config) -> str:
           or os.path.expanduser('~/tensorflow_datasets'))
 
 
+def _first(arrays: dict[str, np.ndarray], count: int, field: str, split: str
+           ) -> dict[str, np.ndarray]:
+  """The first `count` examples of `arrays` (0: all); a ValueError if it holds fewer."""
+  held = len(arrays['label'])
+  if count > held:
+    raise ValueError(f'config.{field}={count} is invalid: {split} holds {held} examples '
+                     '(0: all of them).')
+  return {k: v[:count] for k, v in arrays.items()} if count else arrays
+
+
 class Experiment:
   """Everything a run needs, built from a validated config.
 
@@ -46,6 +56,8 @@ class Experiment:
       self.train_arrays, self.test_arrays = distributed.primary_first(  # prepares data once
           lambda: [data.load(config.dataset, split, data_dir(config))
                    for split in (self.info.train_split, self.info.test_split)], 'data')
+      self.test_arrays = _first(self.test_arrays, config.test_examples, 'test_examples',
+                                f'the {config.dataset} test split')
       self.mean, self.std = data.channel_stats(self.train_arrays['image'])
       num_train = len(self.train_arrays['label'])
       island = config.devices_per_replica

@@ -64,7 +64,7 @@ EXIT_STOPPED_AT_ONCE = 130  # 128 + SIGINT, as shells report a process killed by
 # never the trajectory of the rounds already trained.
 RESUMABLE_FIELDS = frozenset({
     'progress_bar', 'data_dir', 'epochs', 'mapping', 'conv', 'eval_every_rounds', 'eval_batch_size',
-    'train_eval_examples', 'bn_recompute_batches', 'log_every_rounds',
+    'train_eval_examples', 'test_examples', 'bn_recompute_batches', 'log_every_rounds',
     'checkpoint_every_rounds', 'keep_checkpoints', 'compare_to_sgd', 'on_divergence',
     'rollback_lr_factor', 'max_rollbacks'})
 # What a run writes into its workdir (deleted by --overwrite).

@@ -243,7 +243,8 @@ def test_two_processes_stop_together_survive_a_dead_peer_and_match_one_process(
   logs.mkdir()
   overrides = dict(data_dir=str(fashion_mnist_data_dir), L=2, batch_size=8, num_replicas=4,
                    epochs=3 / 7500, mapping='vmap', progress_bar=False, log_every_rounds=1,
-                   bn_recompute_batches=2, train_eval_examples=32)  # evaluated at the end
+                   bn_recompute_batches=2, train_eval_examples=32,  # evaluated at the end
+                   test_examples=500, eval_batch_size=250)
   processes = _start_processes(workdir, overrides, logs)
   _wait_until(lambda: (workdir / 'config.json').exists(), processes, logs)  # handlers are in
   processes[1].send_signal(signal.SIGTERM)

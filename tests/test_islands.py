@@ -194,7 +194,8 @@ def test_processes_hold_islands_as_one_process(fashion_mnist_data_dir, tmp_path)
   """
   overrides = dict(data_dir=str(fashion_mnist_data_dir), L=2, batch_size=8, num_replicas=2,
                    devices_per_replica=2, epochs=2 / 7500, mapping='vmap', progress_bar=False,
-                   log_every_rounds=1, bn_recompute_batches=2, train_eval_examples=32)
+                   log_every_rounds=1, bn_recompute_batches=2, train_eval_examples=32,
+                   test_examples=500, eval_batch_size=250)
   one = tmp_path / 'one'
   config = fashion_mnist_lenet.get_config()
   config.update(overrides)

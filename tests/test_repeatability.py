@@ -24,6 +24,7 @@ def _config(data_dir, **cadence):
   config.epochs = ROUNDS / 1875  # batch 32: 1875 rounds per Parle epoch
   config.L, config.batch_size, config.mapping, config.progress_bar = 2, 32, 'sequential', False
   config.bn_recompute_batches, config.train_eval_examples, config.eval_batch_size = 2, 256, 500
+  config.test_examples = 1000
   config.log_every_rounds, config.eval_every_rounds, config.checkpoint_every_rounds = 1, 3, 3
   config.update(cadence)
   return config

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import distributed, optimizers, provenance, train
+from experiments import distributed, errors, experiment, optimizers, provenance, train
 from experiments.configs import (base, cifar100_wrn28_10, cifar10_allcnn, cifar10_wrn28_10,
                                  default, fashion_mnist_lenet, fashion_mnist_wrn16_4,
                                  mnist_lenet, svhn_wrn16_4)
@@ -243,6 +243,23 @@ def test_real_fashion_mnist_run_learns(fashion_mnist_data_dir, tmp_path):
   assert results['distance/l2_mean'] > 0 and results['distance/cosine_mean'] > 0.9
 
 
+def test_test_examples_are_the_test_splits_first(fashion_mnist_data_dir, tmp_path):
+  """config.test_examples=N evaluates on the first N test images; more than the split: one line."""
+  config = real_config(fashion_mnist_data_dir, test_examples=300)
+  held = experiment.Experiment(config).test_arrays
+  test = data.load('fashion_mnist', 'test', fashion_mnist_data_dir)
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(held[key], test[key][:300])
+  config.test_examples = 0  # the whole split
+  assert len(experiment.Experiment(config).test_arrays['label']) == 10000
+  config.test_examples = 10001
+  with pytest.raises(errors.ConfigError) as error:
+    train.train_and_evaluate(config, str(tmp_path / 'work'))
+  assert str(error.value) == ('config.test_examples=10001 is invalid: the fashion_mnist test '
+                              'split holds 10000 examples (0: all of them).')
+  assert not (tmp_path / 'work').exists()  # refused before anything is written
+
+
 def train_command(workdir, config_overrides, *flags) -> list[str]:
   """The command line of experiments.train on the LeNet config, with `flags` and overrides."""
   return [sys.executable, '-m', 'experiments.train',
@@ -276,7 +293,8 @@ def test_killed_run_resumes_to_the_same_numbers(fashion_mnist_data_dir, tmp_path
   # 12 rounds (nb = 60000 / 32 = 1875 rounds per Parle epoch), a checkpoint every 4.
   overrides = dict(epochs=12 / 1875, L=2, batch_size=32, checkpoint_every_rounds=4,
                    log_every_rounds=1, eval_every_rounds=6, mapping='vmap',
-                   progress_bar=False, bn_recompute_batches=2, train_eval_examples=256)
+                   progress_bar=False, bn_recompute_batches=2, train_eval_examples=256,
+                   test_examples=1000)
   interrupted = tmp_path / 'interrupted'
   process = _launch(overrides, interrupted, fashion_mnist_data_dir, tmp_path / 'killed.log')
   deadline = time.time() + 300
@@ -305,6 +323,9 @@ def test_killed_run_resumes_to_the_same_numbers(fashion_mnist_data_dir, tmp_path
     np.testing.assert_array_equal(x, y)
   records = [json.loads(line) for line in open(interrupted / 'metrics.jsonl')]
   assert [r['round'] for r in records if 'train/loss' in r] == list(range(1, 13))
+  errors_logged = [r['reference/test_error'] for r in records if 'reference/test_error' in r]
+  assert len(errors_logged) == 2 and all(  # rounds 6 and 12, on test_examples=1000 images
+      np.isclose(e * 10, round(e * 10), rtol=0, atol=1e-6) for e in errors_logged)
   straight = [json.loads(line) for line in open(uninterrupted / 'metrics.jsonl')]
   numbers = lambda rs: [{k: v for k, v in r.items()  # noqa: E731  (clocks aside)
                          if k not in ('time', 'train_seconds', 'images_per_second')} for r in rs]

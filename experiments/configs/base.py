@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.bn_recompute_batches = 20
   config.eval_batch_size = 1000
   config.train_eval_examples = 10000  # replicas' train error on this many examples
+  config.test_examples = 0  # test error on the test split's first N (0: all of it)
   config.checkpoint_every_rounds = 500
   config.keep_checkpoints = 3
   config.log_every_rounds = 10
@@ -98,6 +99,7 @@ _INTEGERS = {
     'scoping_batches_per_epoch': (0, " (0: the data's batches per epoch)"),
     'eval_every_rounds': (0, ' (0: once per epoch)'),
     'train_eval_examples': (0, ' (0: no train error)'),
+    'test_examples': (0, ' (0: the whole test split)'),
     'max_rollbacks': (0, ''),
 }
 # Real fields: (lowest, lowest allowed?, highest, highest allowed?); None: unbounded.
