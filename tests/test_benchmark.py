@@ -18,10 +18,11 @@ from experiments import benchmark
 from experiments.configs import base
 
 L, BATCH, N = 2, 8, 2
-# The optimizers timed here (each compiles its round): the baseline, Parle, the two that need
-# 'vmap' for per-step collectives (one splitting the batch) and DiLoCo's outer step. Entropy-SGD
-# and local SGD build their rounds the same ways; every optimizer trains in test_train.py.
-TIMED = ('sgd', 'parle', 'elastic_sgd', 'data_parallel_sgd', 'diloco')
+# The optimizers timed here (each compiles its round), one per branch of the benchmark's
+# build_training_round: one replica (SGD), replicas with the per-replica batch (Parle), and the
+# batch split over the workers (data-parallel SGD, which also needs 'vmap' for its per-step
+# all-reduce). The other optimizers take Parle's branch; every optimizer trains in test_train.py.
+TIMED = ('sgd', 'parle', 'data_parallel_sgd')
 
 
 @pytest.fixture(scope='module')
@@ -115,8 +116,8 @@ def test_every_optimizer_round_is_timed_as_training_builds_it(report):
   text, results = report
   timed = results['models']['lenet']['optimizers']
   assert list(timed) == list(TIMED)
-  expected = {'parle': (N, BATCH), 'elastic_sgd': (N, BATCH), 'sgd': (1, BATCH),
-              'data_parallel_sgd': (N, BATCH), 'diloco': (N, BATCH)}  # batch per replica/worker
+  expected = {'parle': (N, BATCH), 'sgd': (1, BATCH),
+              'data_parallel_sgd': (N, BATCH)}  # batch per replica/worker
   for optimizer, (replicas, batch) in expected.items():
     t = timed[optimizer]
     assert (t['replicas'], t['batch_per_replica']) == (replicas, batch), optimizer
@@ -124,7 +125,7 @@ def test_every_optimizer_round_is_timed_as_training_builds_it(report):
     assert t['ms_per_step'] == pytest.approx(1000 * t['median_s'] / L)
     assert t['mapping'] in benchmark.MAPPINGS, optimizer
   # Per-step collectives need 'vmap' for local replicas.
-  assert timed['elastic_sgd']['mapping'] == timed['data_parallel_sgd']['mapping'] == 'vmap'
+  assert timed['data_parallel_sgd']['mapping'] == 'vmap'
   rows = [line.split() for line in text.splitlines() if line.startswith('lenet ')]
   sgd_row = next(r for r in rows if r[1] == 'sgd')
   assert sgd_row[-1] == '1.00'
