@@ -19,8 +19,8 @@ setuptools.setup(
                         'tensorflow-datasets', 'tensorflow-cpu', 'importlib_resources',
                         'pillow', 'tensorboard', 'tqdm', 'matplotlib', 'scipy'],
         'notebooks': ['flax>=0.12', 'matplotlib', 'tensorflow-datasets', 'jupyter'],
-        'tests': ['pytest', 'flax>=0.12', 'tensorflow-datasets', 'ml_collections',
-                  'matplotlib', 'nbclient', 'nbformat', 'ipykernel'],
+        'tests': ['pytest', 'pytest-xdist', 'filelock', 'flax>=0.12', 'tensorflow-datasets',
+                  'ml_collections', 'matplotlib', 'nbclient', 'nbformat', 'ipykernel'],
     },
     license='Apache-2.0',
 )

@@ -14,6 +14,9 @@ os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 # ... and caches every program, not only those that compile in over 1 s (JAX's default):
 # the suite compiles the same small programs (init, evaluation, checks) in many tests.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+# A size limit (far above what the suite writes) turns on JAX's file lock around every read
+# and write of the cache; without it JAX writes entries in place, unsafe for two workers.
+os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(16 << 30))
 
 
 import fcntl  # noqa: E402
@@ -41,7 +44,7 @@ def release_compiled_programs():
 
 @pytest.fixture(scope='session', autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
-  """A persistent compilation cache, one per test worker, for this process and the binaries.
+  """A persistent compilation cache, shared by the test workers, for them and the binaries.
 
   Tests build the same programs again and again: every run of a config builds
   its round as a new function, so JAX's in-memory cache misses and XLA
@@ -53,13 +56,22 @@ def persistent_compilation_cache(tmp_path_factory):
   change (the binary uses one by default too). Multi-process runs never use it
   (distributed.enable_compilation_cache); a test that sets
   PARLE_COMPILATION_CACHE itself wins.
+
+  Under pytest-xdist the workers share one directory (beside the prepared
+  data): JAX's cache key holds the cache's own path (through XLA's
+  ``xla_gpu_per_fusion_autotune_cache_dir`` option, even on CPU), so a
+  directory per worker never served a program that the other worker had
+  compiled. JAX_COMPILATION_CACHE_MAX_SIZE (above) makes JAX lock its files.
   """
   if os.environ.get('PARLE_COMPILATION_CACHE'):
     yield
     return
   import jax  # after the XLA flags above
   from experiments import distributed
-  directory = str(tmp_path_factory.mktemp('compilation_cache'))
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # pytest-of-<user>/pytest-<n>, above every worker's own
+  directory = str(root / 'compilation_cache')
   os.environ['PARLE_COMPILATION_CACHE'] = directory
   previous = jax.config.jax_compilation_cache_dir
   distributed.enable_compilation_cache(directory)  # as the binaries turn it on
