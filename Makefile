@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= $(CURDIR)/data
 WORKDIR ?= $(CURDIR)/workdirs/default
-# pytest-xdist workers for `make test` (CI has 2 cores; each worker prepares its own data).
+# pytest-xdist workers for `make test` (CI has 2 cores; they share the prepared data and compiled programs).
 TEST_WORKERS ?= 2
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 export PARLE_DATA_DIR := $(DATA_DIR)
