@@ -126,7 +126,7 @@ def test_nan_stops_the_run_then_rollback_lowers_the_learning_rates(tmp_path):
     config.max_rollbacks = 3
     results = train.train_and_evaluate(config, str(workdir))  # resumes, rolls back, finishes
   assert results['rounds'] == 5 and np.isfinite(results['reference/test_loss'])
-  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [(r['round'], r['rollback'], r['learning_rate_scale'])
           for r in records if 'rollback' in r] == [(2, 1, 0.01)]
   assert [r['round'] for r in records if 'train/loss' in r] == [1, 2, 3, 4, 5]
@@ -225,7 +225,8 @@ def _wait_until(condition, processes, logs, timeout=300):
 
 def _records(workdir):
   path = workdir / 'metrics.jsonl'
-  return [json.loads(line) for line in open(path) if line.strip()] if path.exists() else []
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [json.loads(line) for line in lines if line.strip()]
 
 
 def test_two_processes_stop_together_survive_a_dead_peer_and_match_one_process(

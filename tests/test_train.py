@@ -69,7 +69,8 @@ def check_results(results, workdir, num_replicas):
   assert 0 <= results['reference/test_error'] <= 100
   assert len(results['replica/test_error']) == num_replicas
   assert len(results['replica/train_error']) == num_replicas
-  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  records = [json.loads(line) for line in
+             pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()]
   assert records[-1]['round'] == results['rounds']
   assert any('train/loss' in r and np.isfinite(r['train/loss']) for r in records)
   assert os.path.exists(os.path.join(workdir, 'config.json'))
@@ -270,7 +271,8 @@ def train_command(workdir, config_overrides, *flags) -> list[str]:
 def _launch(config_overrides, workdir, data_dir, log):
   """Starts the binary in a subprocess, its output going to the file `log`."""
   args = train_command(workdir, config_overrides, f'--config.data_dir={data_dir}')
-  return subprocess.Popen(args, cwd=REPO, stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+  with open(log, 'w') as out:  # the child writes to its own copy of the file descriptor
+    return subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _finish(process, log):
@@ -321,12 +323,13 @@ def test_killed_run_resumes_to_the_same_numbers(fashion_mnist_data_dir, tmp_path
   b = checkpoint.load_variables(str(uninterrupted / 'reference'))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
-  records = [json.loads(line) for line in open(interrupted / 'metrics.jsonl')]
+  records = [json.loads(line) for line in (interrupted / 'metrics.jsonl').read_text().splitlines()]
   assert [r['round'] for r in records if 'train/loss' in r] == list(range(1, 13))
   errors_logged = [r['reference/test_error'] for r in records if 'reference/test_error' in r]
   assert len(errors_logged) == 2 and all(  # rounds 6 and 12, on test_examples=1000 images
       np.isclose(e * 10, round(e * 10), rtol=0, atol=1e-6) for e in errors_logged)
-  straight = [json.loads(line) for line in open(uninterrupted / 'metrics.jsonl')]
+  straight = [json.loads(line)
+              for line in (uninterrupted / 'metrics.jsonl').read_text().splitlines()]
   numbers = lambda rs: [{k: v for k, v in r.items()  # noqa: E731  (clocks aside)
                          if k not in ('time', 'train_seconds', 'images_per_second')} for r in rs]
   assert numbers(records) == numbers(straight)  # every logged number, digit for digit

@@ -74,8 +74,9 @@ def test_second_run_on_a_held_workdir_is_refused_in_one_line(tmp_path):
   """The second run exits 1 naming the first's host and PID; the first is untouched."""
   config = _config(tmp_path / 'data')
   workdir = tmp_path / 'work'
-  first = subprocess.Popen(mock_command(config, workdir), cwd=REPO, stdout=open(
-      tmp_path / 'first.log', 'w'), stderr=subprocess.STDOUT)
+  with open(tmp_path / 'first.log', 'w') as log:  # the child keeps its own descriptor
+    first = subprocess.Popen(mock_command(config, workdir), cwd=REPO, stdout=log,
+                             stderr=subprocess.STDOUT)
   try:
     deadline = time.time() + 300
     while not ((workdir / 'metrics.jsonl').exists() and numbers(workdir)):
