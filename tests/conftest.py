@@ -9,7 +9,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The training binary's persistent compilation cache stays out of the home
-# directory: a directory per test worker instead (`persistent_compilation_cache`).
+# directory: one directory that the test workers share instead (`persistent_compilation_cache`).
 os.environ.setdefault('PARLE_COMPILATION_CACHE', '')
 # ... and caches every program, not only those that compile in over 1 s (JAX's default):
 # the suite compiles the same small programs (init, evaluation, checks) in many tests.

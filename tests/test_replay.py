@@ -40,7 +40,7 @@ def test_replay_of_a_logged_run_matches_its_log(run, rounds, fashion_mnist_data_
   run_dir = RESULTS / run
   summary = json.loads((run_dir / 'summary.json').read_text())
   segments = summary.get('provenance') or []
-  # The worker's compilation cache (conftest) serves the replays too: the runs share their
+  # The tests' shared compilation cache (conftest) serves the replays too: the runs share their
   # evaluation programs, and JAX's cache key holds the XLA flags, so the device count.
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=segments[0]['xla_flags'] if segments else '')
